@@ -1,0 +1,104 @@
+"""The Ray actor hosting one :class:`Actor`: pushes and weight pulls over Ray, never blocking.
+
+* Pushes: ``shard.add.remote(chunk)``; at most ``max_pushes_in_flight`` unacknowledged,
+  beyond that the actor waits for the oldest (back-pressure, never an unbounded queue).
+* Weights: every ``weight_sync_period`` steps the actor advances a two-stage poll, asking
+  the learner for its latest (version, ref), then fetching the weights only when
+  newer, and checking readiness with ``ray.wait(timeout=0)``: it never waits.
+* It runs on a thread of its own (``max_concurrency=2``) so the driver can ``drain()``
+  its episodes and counters and ``stop()`` it while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from actors.actor import Actor
+from common.config import Config
+from common.envs import make_vector_env
+from common.networks import build_network
+from common.schedules import actor_epsilons
+
+
+class ActorWorker:
+    def __init__(self, cfg: Config, index: int, shard: Any, learner: Any, num_actions: int):
+        torch.set_num_threads(cfg.actor_threads)
+        self.cfg, self.index, self.shard, self.learner = cfg, index, shard, learner
+        seed = cfg.seed * 10_007 + index * 101 + int.from_bytes(os.urandom(2), "little")
+        self.stream = int.from_bytes(os.urandom(7), "little")  # new for every incarnation
+        env = make_vector_env(cfg, cfg.envs_per_actor, threads=cfg.actor_threads)
+        net = build_network(num_actions, cfg.network, cfg.dueling)
+        epsilons = actor_epsilons(index, cfg.num_actors, cfg.envs_per_actor, cfg.epsilon_spread)
+        self._pushes: deque = deque()
+        self._version_ref: Any = None
+        self._weights: tuple[int, Any] | None = None
+        self.actor = Actor(cfg, index, env, net, epsilons, self._push, self._poll_weights,
+                           stream=self.stream, seed=seed)  # fmt: skip
+        self._stop = threading.Event()
+        self._reported_steps = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------- Ray plumbing
+    def _push(self, chunk) -> None:
+        self._pushes.append(self.shard.add.remote(chunk))
+        excess = len(self._pushes) - self.cfg.max_pushes_in_flight
+        if excess > 0:
+            done, _ = ray.wait(list(self._pushes), num_returns=excess)
+            done = set(done)
+            self._pushes = deque(r for r in self._pushes if r not in done)
+
+    def _poll_weights(self) -> tuple[int, dict] | None:
+        """Advance the non-blocking weight poll; return weights once they are here."""
+        if self._weights is not None:
+            version, ref = self._weights
+            if not ray.wait([ref], timeout=0)[0]:
+                return None
+            self._weights = None
+            return version, ray.get(ref)
+        if self._version_ref is None:
+            self._version_ref = self.learner.latest_weights.remote()
+            return None
+        if not ray.wait([self._version_ref], timeout=0)[0]:
+            return None
+        latest = ray.get(self._version_ref)
+        self._version_ref = None
+        if latest is not None and latest[0] > self.actor.weights_version:
+            self._weights = (latest[0], latest[1][0])
+        return None
+
+    # ---------------------------------------------------------------------- remote API
+    def run(self) -> None:
+        """Step until ``stop()``; pulls the first weights before acting."""
+        while self.actor.weights_version < 0 and not self._stop.is_set():
+            if self.actor.sync_weights():
+                break
+            self._stop.wait(0.05)
+        while not self._stop.is_set():
+            with self._lock:
+                self.actor.step()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def drain(self) -> dict[str, Any]:
+        """Episodes finished and agent steps taken since the last drain, and gauges."""
+        with self._lock:
+            steps = self.actor.env_steps - self._reported_steps
+            self._reported_steps = self.actor.env_steps
+            times = vars(self.actor.times).copy()
+            return {
+                "index": self.index,
+                "episodes": self.actor.drain_episodes(),
+                "env_steps": steps,
+                "weights_version": self.actor.weights_version,
+                "epsilons": np.asarray(self.actor.epsilons),
+                "pushes_in_flight": len(self._pushes),
+                "times": times,
+            }

@@ -1,0 +1,1 @@
+"""Shared pieces that know nothing of Ray: config, networks, envs, schedules, checkpoints."""

@@ -1,0 +1,239 @@
+"""One typed, frozen, validated configuration for the whole system.
+
+Every field has a type, a default and a one-line help text; the command line of
+``train.py`` is generated from these fields, so ``python train.py --help`` always
+documents every setting. ``0`` on the fields marked *auto* means "size it for the
+machine" and is resolved once, by :func:`resolve_auto`, before validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+NETWORKS = ("nature", "dqn2013")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adam", "rmsprop")
+EPSILON_SPREADS = ("env", "actor")
+
+# Bytes one stored transition costs in a full replay shard (one 84x84 frame plus
+# keys, indices and the sum tree); used only to size the default replay capacity.
+_BYTES_PER_TRANSITION = 7_300
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message is one line naming the value and what is allowed."""
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- environment -------------------------------------------------------------------
+    game: str = _f("space_invaders", "ALE game id, snake_case or CamelCase (any ALE ROM)")
+    noop_max: int = _f(30, "up to this many random no-op actions at the start of an episode")
+    frame_skip: int = _f(4, "emulator frames per agent step (max-pooled over the last two)")
+    max_episode_frames: int = _f(108_000, "truncate an episode after this many frames")
+    sticky_action_prob: float = _f(0.0, "repeat-action probability (Machado et al. 2018: 0.25)")
+    terminal_on_life_loss: bool = _f(False, "treat a lost life as terminal for learning")
+    # --- actors ------------------------------------------------------------------------
+    num_actors: int = _f(0, "Ray actor processes stepping environments (0 = auto)")
+    envs_per_actor: int = _f(8, "environments each actor steps in one batch")
+    epsilon_spread: str = _f(
+        "env",
+        "Ape-X epsilons 0.4**(1+7i/(N-1)) over every env of every actor, or one per actor",
+        choices=EPSILON_SPREADS,
+    )
+    push_period: int = _f(50, "actor steps between pushes of transitions to replay")
+    max_pushes_in_flight: int = _f(4, "unacknowledged pushes per actor before it waits")
+    weight_sync_period: int = _f(100, "actor steps between checks for newer weights")
+    actor_threads: int = _f(1, "torch and emulator threads per actor")
+    # --- replay ------------------------------------------------------------------------
+    replay_shards: int = _f(0, "replay shard processes (0 = auto)")
+    replay_capacity: int = _f(0, "transitions held over all shards (0 = auto, from memory)")
+    replay_min_size: int = _f(20_000, "transitions in replay before learning starts")
+    priority_alpha: float = _f(0.6, "prioritization exponent alpha")
+    priority_beta: float = _f(0.4, "initial importance-sampling exponent beta")
+    beta_anneal_updates: int = _f(500_000, "learner updates over which beta rises to 1")
+    # --- learner -----------------------------------------------------------------------
+    network: str = _f("nature", "Q-network torso", choices=NETWORKS)
+    dueling: bool = _f(True, "dueling value/advantage head")
+    n_step: int = _f(3, "steps in the multi-step return")
+    gamma: float = _f(0.99, "discount factor per agent step")
+    batch_size: int = _f(0, "learner minibatch (0 = auto: 512 on a GPU, 64 on a CPU)")
+    optimizer: str = _f("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = _f(1e-4, "learning rate")
+    adam_eps: float = _f(1.5e-4, "Adam epsilon (RMSProp uses it too)")
+    grad_clip: float = _f(40.0, "clip the gradient norm to this")
+    target_update_period: int = _f(2_000, "learner updates between target-network copies")
+    publish_period: int = _f(25, "learner updates between weight broadcasts to actors")
+    prefetch_batches: int = _f(4, "sample requests the learner keeps in flight")
+    device: str = _f("auto", "learner device", choices=DEVICES)
+    amp: bool = _f(False, "bf16 autocast for the learner's forward pass (GPU)")
+    compile: bool = _f(False, "torch.compile the learner's network")
+    # --- run ---------------------------------------------------------------------------
+    total_frames: int = _f(20_000_000, "stop after this many environment frames")
+    seed: int = _f(0, "random seed")
+    logdir: str = _f("", "TensorBoard and checkpoint directory (default runs/<game>-<time>)")
+    address: str = _f("", "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    resume: str = _f("", "continue the run whose checkpoints are in this directory")
+    log_interval_s: float = _f(10.0, "seconds between console lines and TensorBoard points")
+    checkpoint_interval_s: float = _f(300.0, "seconds between checkpoints")
+    keep_checkpoints: int = _f(3, "checkpoints kept on disk")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def frames_per_step(self) -> int:
+        return self.frame_skip
+
+
+def normalize_game(game: str) -> str:
+    """``SpaceInvaders``, ``ALE/SpaceInvaders-v5`` and ``space_invaders`` all name one ROM."""
+    name = game.strip()
+    name = re.sub(r"^ALE/", "", name)
+    name = re.sub(r"(NoFrameskip)?-v\d+$", "", name)
+    if "_" not in name and name != name.lower():
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", name)
+    return name.lower()
+
+
+def resolve_auto(cfg: Config, *, cpus: int, gpus: int, memory_bytes: int) -> Config:
+    """Fill the fields left at 0 (auto) from the resources Ray reports."""
+    changes: dict[str, Any] = {"game": normalize_game(cfg.game)}
+    if cfg.num_actors == 0:
+        changes["num_actors"] = max(1, cpus - 1)
+    actors = changes.get("num_actors", cfg.num_actors)
+    if cfg.replay_shards == 0:
+        changes["replay_shards"] = max(1, min(8, actors // 8))
+    if cfg.replay_capacity == 0:
+        by_memory = int(0.3 * memory_bytes / _BYTES_PER_TRANSITION)
+        changes["replay_capacity"] = max(50_000, min(1_000_000, by_memory // 10_000 * 10_000))
+    if cfg.device == "auto":
+        changes["device"] = "cuda" if gpus > 0 else "cpu"
+    device = changes.get("device", cfg.device)
+    if cfg.batch_size == 0:
+        changes["batch_size"] = 512 if device == "cuda" else 64
+    if not cfg.logdir:
+        import time
+
+        changes["logdir"] = os.path.join(
+            "runs", f"{changes['game']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+    return cfg.replace(**changes)
+
+
+def _positive(cfg: Config, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            allowed = "an integer >= 0" if allow_zero else "a positive number"
+            raise ConfigError(f"--{_flag(name)}={value} is invalid: must be {allowed}")
+
+
+def validate(cfg: Config, *, gpus: int | None = None) -> None:
+    """Raise :class:`ConfigError` with one line for the first invalid setting.
+
+    ``gpus`` is the number of GPUs visible to the cluster, when known; with it,
+    ``--device cuda`` on a machine without one is refused here rather than later.
+    """
+    _positive(cfg, "num_actors", "replay_shards", "replay_capacity", "batch_size", allow_zero=True)
+    _positive(
+        cfg,
+        "frame_skip", "max_episode_frames", "envs_per_actor", "push_period",
+        "max_pushes_in_flight", "weight_sync_period", "actor_threads", "n_step",
+        "target_update_period", "publish_period", "prefetch_batches", "total_frames",
+        "log_interval_s", "checkpoint_interval_s", "keep_checkpoints", "lr", "adam_eps",
+        "grad_clip", "beta_anneal_updates",
+    )  # fmt: skip
+    _positive(cfg, "noop_max", "replay_min_size", "priority_alpha", "seed", allow_zero=True)
+    for name, allowed in (
+        ("network", NETWORKS),
+        ("device", DEVICES),
+        ("optimizer", OPTIMIZERS),
+        ("epsilon_spread", EPSILON_SPREADS),
+    ):
+        if getattr(cfg, name) not in allowed:
+            value = getattr(cfg, name)
+            raise ConfigError(
+                f"--{_flag(name)}={value!r} is unknown: choose one of {', '.join(allowed)}"
+            )
+    for name in ("gamma", "sticky_action_prob"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{_flag(name)}={value} is invalid: must be in [0, 1]")
+    if not 0.0 <= cfg.priority_beta <= 1.0:
+        raise ConfigError(f"--priority-beta={cfg.priority_beta} is invalid: must be in [0, 1]")
+    if (
+        cfg.replay_shards
+        and cfg.replay_capacity
+        and cfg.replay_capacity // cfg.replay_shards
+        < max(cfg.batch_size, cfg.push_period * cfg.envs_per_actor)
+    ):
+        need = max(cfg.batch_size, cfg.push_period * cfg.envs_per_actor) * cfg.replay_shards
+        raise ConfigError(
+            f"--replay-capacity={cfg.replay_capacity} is too small: each of the "
+            f"{cfg.replay_shards} shards must hold a batch and a push, so at least {need}"
+        )
+    if cfg.replay_capacity and cfg.replay_min_size > cfg.replay_capacity:
+        raise ConfigError(
+            f"--replay-min-size={cfg.replay_min_size} is invalid: must be <= "
+            f"--replay-capacity={cfg.replay_capacity}"
+        )
+    if cfg.replay_capacity and cfg.batch_size > cfg.replay_capacity:
+        raise ConfigError(f"--batch-size={cfg.batch_size} is invalid: must be <= --replay-capacity")
+    _validate_game(cfg.game)
+    if cfg.device == "cuda" and gpus is not None and gpus == 0:
+        raise ConfigError("--device=cuda is invalid: no GPU is visible; use --device auto or cpu")
+
+
+def _validate_game(game: str) -> None:
+    from common.envs import available_games
+
+    name = normalize_game(game)
+    games = available_games()
+    if name not in games:
+        close = [g for g in games if name[:4] in g][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"--game={game!r} is not an ALE game: use a ROM id such as space_invaders or "
+            f"breakout{hint}"
+        )
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Ape-X distributed prioritized DQN for Atari on Ray.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Config):
+        flag = "--" + _flag(f.name)
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
+            kwargs["metavar"] = f.name.upper()
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def from_args(argv: list[str] | None = None) -> Config:
+    """Parse the command line into a :class:`Config` (autos not yet resolved)."""
+    args = build_parser().parse_args(argv)
+    return Config(**vars(args))

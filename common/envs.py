@@ -1,0 +1,102 @@
+"""Environment construction: ale-py's C++ vector env with the DQN preprocessing.
+
+ale-py does the whole DQN pipeline in C++ (frame skip with max-pool over the last two
+frames, grayscale, 84x84 area resize, 4-frame stack, up to 30 no-op starts), so no image
+code lives here. Protocol choices are explicit: rewards arrive *unclipped* (we log the
+real game score and clip for learning ourselves), sticky actions are a config option,
+and life loss is reported through ``info["lives"]`` rather than by ending the episode,
+so the game always runs to game over.
+
+Stacks at an episode start are zero-padded, ``[0, 0, 0, f0]``; gymnasium's reference
+``FrameStackObservation`` does the same with ``padding_type="zero"``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Protocol
+
+import numpy as np
+
+from common.config import Config
+
+FRAME_SHAPE = (84, 84)
+STACK = 4
+
+
+class VectorEnv(Protocol):
+    """What an actor needs of a batch of environments (ale-py's ``AtariVectorEnv`` API).
+
+    Autoreset is *next-step*: the step that ends an episode returns its final
+    observation; the following ``send``/``recv`` ignores the action and returns the
+    first observation of a new episode with reward 0.
+    """
+
+    num_envs: int
+
+    def reset(self, *, seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]: ...
+    def send(self, actions: np.ndarray) -> None: ...
+    def recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+
+@functools.cache
+def available_games() -> tuple[str, ...]:
+    import ale_py.roms
+
+    return tuple(sorted(ale_py.roms.get_all_rom_ids()))
+
+
+@functools.cache
+def num_actions(game: str) -> int:
+    """Size of the game's minimal action set."""
+    env = make_vector_env(Config(game=game, noop_max=0), num_envs=1, threads=1)
+    try:
+        return int(env.single_action_space.n)
+    finally:
+        env.close()
+
+
+def make_vector_env(cfg: Config, num_envs: int, threads: int = 1) -> Any:
+    """ale-py's vector env with the DQN preprocessing and the config's protocol."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    return AtariVectorEnv(
+        cfg.game,
+        num_envs,
+        num_threads=threads,
+        frameskip=cfg.frame_skip,
+        stack_num=STACK,
+        img_height=FRAME_SHAPE[0],
+        img_width=FRAME_SHAPE[1],
+        grayscale=True,
+        maxpool=True,
+        noop_max=cfg.noop_max,
+        max_num_frames_per_episode=cfg.max_episode_frames,
+        repeat_action_probability=cfg.sticky_action_prob,
+        reward_clipping=False,
+        episodic_life=False,
+        life_loss_info=False,
+        autoreset_mode="NextStep",
+    )
+
+
+def make_reference_env(cfg: Config, seed: int | None = None) -> Any:
+    """gymnasium's reference pipeline (``AtariPreprocessing`` + ``FrameStackObservation``).
+
+    Used to check our observations, and by tools that need a single ``gym.Env``.
+    """
+    import ale_py
+    import gymnasium as gym
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+    gym.register_envs(ale_py)
+    env_id = "ALE/" + "".join(part.capitalize() for part in cfg.game.split("_")) + "-v5"
+    env = gym.make(
+        env_id,
+        frameskip=1,
+        repeat_action_probability=cfg.sticky_action_prob,
+        max_num_frames_per_episode=cfg.max_episode_frames,
+    )
+    env = AtariPreprocessing(env, noop_max=cfg.noop_max, frame_skip=cfg.frame_skip)
+    return FrameStackObservation(env, STACK, padding_type="zero")

@@ -1,0 +1,41 @@
+"""Schedules: Ape-X's per-explorer epsilon and the importance-sampling beta."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def apex_epsilon(index: int, count: int, base: float = 0.4, alpha: float = 7.0) -> float:
+    """Ape-X's epsilon for explorer ``index`` of ``count``: ``base ** (1 + alpha * i / (N - 1))``.
+
+    Spreads exploration from 0.4 (i = 0) down to 0.4**8 ~ 0.00066 (i = N - 1). With a
+    single explorer the formula is undefined; it gets ``base``, Ape-X's most exploratory
+    value.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"explorer index {index} is outside 0..{count - 1}")
+    if count == 1:
+        return base
+    return base ** (1.0 + alpha * index / (count - 1))
+
+
+def actor_epsilons(actor: int, num_actors: int, envs_per_actor: int, spread: str) -> np.ndarray:
+    """Epsilons for each env of one actor.
+
+    ``spread="actor"`` is Ape-X as published: one epsilon per actor, shared by its envs.
+    ``spread="env"`` spreads the same schedule over all ``num_actors * envs_per_actor``
+    envs, so that even a single actor explores with the whole Ape-X range of epsilons.
+    """
+    if spread == "actor":
+        return np.full(envs_per_actor, apex_epsilon(actor, num_actors), dtype=np.float32)
+    total = num_actors * envs_per_actor
+    first = actor * envs_per_actor
+    return np.array(
+        [apex_epsilon(first + k, total) for k in range(envs_per_actor)], dtype=np.float32
+    )
+
+
+def linear(start: float, end: float, steps: int, t: int) -> float:
+    """Linear interpolation from ``start`` at t=0 to ``end`` at t>=steps."""
+    frac = min(max(t / steps, 0.0), 1.0) if steps > 0 else 1.0
+    return start + frac * (end - start)

@@ -1,0 +1,123 @@
+"""Double DQN with n-step returns, importance weights, Huber loss and gradient clipping.
+
+For a sampled transition (s, a, R, d, s') with d = gamma^h, or 0 after a terminal:
+
+    a*     = argmax_b Q_online(s', b)                  (double DQN: online net chooses)
+    y      = R + d * Q_target(s', a*)                  (target net evaluates)
+    delta  = y - Q_online(s, a)
+    loss   = mean_i( w_i * huber(delta_i) )            (w: importance weights, max 1)
+
+The new priority of each transition is |delta|. The target network is a copy of the
+online network, refreshed every ``target_update_period`` updates.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.config import Config
+from common.networks import build_network
+from common.schedules import linear
+
+
+@dataclass
+class TorchBatch:
+    """A batch on the learner's device."""
+
+    obs: torch.Tensor  # uint8 (B, 4, 84, 84)
+    actions: torch.Tensor  # int64 (B,)
+    returns: torch.Tensor  # float32 (B,)
+    discounts: torch.Tensor  # float32 (B,)
+    next_obs: torch.Tensor  # uint8 (B, 4, 84, 84)
+    weights: torch.Tensor  # float32 (B,)
+
+
+def double_dqn_targets(online: nn.Module, target: nn.Module, batch: TorchBatch) -> torch.Tensor:
+    """``R + d * Q_target(s', argmax_b Q_online(s', b))``, without gradient."""
+    with torch.no_grad():
+        best = online(batch.next_obs).argmax(dim=1, keepdim=True)
+        next_q = target(batch.next_obs).gather(1, best).squeeze(1).float()
+        return batch.returns + batch.discounts * next_q
+
+
+def td_loss(
+    online: nn.Module, target: nn.Module, batch: TorchBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (weighted Huber loss, |TD errors|, Q(s, .)) for a batch."""
+    y = double_dqn_targets(online, target, batch)
+    q = online(batch.obs).float()
+    q_taken = q.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+    delta = y - q_taken
+    loss = (batch.weights * F.huber_loss(q_taken, y, reduction="none", delta=1.0)).mean()
+    return loss, delta.detach().abs(), q.detach()
+
+
+class Learner:
+    """Owns the online and target networks and the optimizer; one ``update`` per batch."""
+
+    def __init__(self, cfg: Config, num_actions: int, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.online = build_network(num_actions, cfg.network, cfg.dueling).to(self.device)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        else:  # centred RMSProp, as in Mnih et al. 2015 and Ape-X
+            self.optimizer = torch.optim.RMSprop(
+                self.online.parameters(), lr=cfg.lr, alpha=0.95, eps=cfg.adam_eps, centered=True
+            )
+        self.updates = 0
+        self._forward = torch.compile(self.online) if cfg.compile else self.online
+        self._amp = cfg.amp and self.device.type == "cuda"
+
+    @property
+    def beta(self) -> float:
+        return linear(self.cfg.priority_beta, 1.0, self.cfg.beta_anneal_updates, self.updates)
+
+    def update(self, batch: TorchBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One gradient step. Returns new priorities (|TD|, on device) and metric tensors.
+
+        Metrics stay tensors so that a GPU step needs no synchronisation; the caller
+        reads them when it logs.
+        """
+        self.online.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+            loss, priorities, q = td_loss(self._forward, self.target, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % self.cfg.target_update_period == 0:
+            self.sync_target()
+        metrics = {
+            "losses/td_loss": loss.detach(),
+            "losses/q_values": q.mean(),
+            "losses/q_max": q.max(),
+            "losses/abs_td": priorities.mean(),
+            "losses/grad_norm": grad_norm.detach(),
+            "replay/importance_weight": batch.weights.mean(),
+        }
+        return priorities, metrics
+
+    def sync_target(self) -> None:
+        self.target.load_state_dict(self.online.state_dict())
+
+    def state_dict(self) -> dict:
+        return {
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,1 @@
+"""Sharded proportional prioritized replay; plain classes plus a thin Ray wrapper."""
