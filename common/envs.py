@@ -78,6 +78,9 @@ def make_vector_env(cfg: Config, num_envs: int, threads: int = 1) -> Any:
         episodic_life=False,
         life_loss_info=False,
         autoreset_mode="NextStep",
+        # No FIRE at reset: gymnasium's reference pipeline and Machado et al. (2018) take
+        # none, and the agent learns to press FIRE itself.
+        use_fire_reset=False,
     )
 
 
