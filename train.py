@@ -58,7 +58,16 @@ def _start_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env)
+        # Ask for the CPUs the topology reserves (learner + actors), even on a smaller
+        # machine: there they share cores, where Ray would leave actors pending forever.
+        cpus, needed = os.cpu_count() or 1, 1 + cfg.num_actors * cfg.actor_threads
+        if needed > cpus:
+            print(
+                f"note: the learner and {cfg.num_actors} actors reserve {needed} CPUs; "
+                f"this machine has {cpus}, so they will share cores",
+                flush=True,
+            )
+        ray.init(include_dashboard=False, runtime_env=runtime_env, num_cpus=max(cpus, needed))
 
 
 def prepare(argv: list[str] | None) -> tuple[Config, dict | None]:
@@ -104,11 +113,14 @@ class Driver:
             for i in range(cfg.replay_shards)
         ]
         gpu = 1 if cfg.device == "cuda" else 0
-        self.learner = (
-            ray.remote(LearnerWorker)
-            .options(num_cpus=1, num_gpus=gpu, max_concurrency=4, max_restarts=0)
-            .remote(cfg, self.shards, actions, resume["learner"] if resume else None)
+        self._learner_actor = ray.remote(LearnerWorker).options(
+            num_cpus=1, num_gpus=gpu, max_concurrency=4, max_restarts=0
         )
+        self._actions = actions
+        self.learner = self._learner_actor.remote(
+            cfg, self.shards, actions, resume["learner"] if resume else None
+        )
+        self.learner_restarts = 0
         ray_actor = ray.remote(ActorWorker).options(
             num_cpus=cfg.actor_threads, max_concurrency=2, max_restarts=-1,
             scheduling_strategy="SPREAD",
@@ -118,6 +130,7 @@ class Driver:
             for i in range(cfg.num_actors)
         ]
         self.learner_run = self.learner.run.remote()
+        print(f"learner: {ray.get(self.learner.where.remote())}", flush=True)
         self.actor_runs = {a.run.remote(): i for i, a in enumerate(self.actors)}
         self.writer = SummaryWriter(cfg.logdir)
         self.writer.add_text("config", _config_table(cfg), global_step=0)
@@ -154,12 +167,16 @@ class Driver:
         print(f"reached {c.env_frames:,} frames", flush=True)
 
     def _supervise(self) -> None:
-        """Restart the run loop of any actor Ray brought back; fail if the learner failed."""
+        """Bring back what died: actors (Ray restarts them; we restart their loops) and
+        the learner (we restart it from the last checkpoint and point actors at it)."""
         ray = self._ray
         done, _ = ray.wait([self.learner_run], timeout=0)
         if done:
-            ray.get(done[0])  # raises the learner's error
-            raise RuntimeError("the learner stopped unexpectedly")
+            try:
+                ray.get(done[0])
+                raise RuntimeError("the learner stopped unexpectedly")
+            except ray.exceptions.RayActorError:
+                self._restart_learner()
         done, _ = ray.wait(list(self.actor_runs), num_returns=len(self.actor_runs), timeout=0)
         for ref in done:
             i = self.actor_runs.pop(ref)
@@ -167,6 +184,21 @@ class Driver:
                 ray.get(ref)
             print(f"actor {i} stopped; restarting its loop", flush=True)
             self.actor_runs[self.actors[i].run.remote()] = i
+
+    def _restart_learner(self) -> None:
+        """A new learner from the newest checkpoint on disk (or fresh if there is none)."""
+        try:
+            saved = checkpoint.load(self.cfg.logdir)
+            state, source = saved["learner"], saved["path"]
+        except checkpoint.CheckpointError as exc:
+            state, source = None, f"scratch ({exc})"
+        self.learner_restarts += 1
+        print(f"the learner died; restarting it from {source}", flush=True)
+        self.learner = self._learner_actor.remote(self.cfg, self.shards, self._actions, state)
+        for a in self.actors:
+            a.set_learner.remote(self.learner)
+        self.learner_run = self.learner.run.remote()
+        print(f"learner: {self._ray.get(self.learner.where.remote())}", flush=True)
 
     def _collect(self) -> dict[str, float]:
         ray, c, w = self._ray, self.counters, self.writer
@@ -190,8 +222,18 @@ class Driver:
             if scores:
                 w.add_scalar(f"actors/{i}/episodic_return", float(np.mean(scores)), c.env_frames)
             c.recent_scores = (c.recent_scores + scores)[-100:]
-        learner = ray.get(self.learner.stats.remote(), timeout=60)
-        return learner
+        shard_refs = [s.stats.remote() for s in self.shards]
+        for s, ref in enumerate(shard_refs):  # actor i pushes to shard i % S
+            try:
+                stats = ray.get(ref, timeout=30)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue
+            for key in ("size", "added", "dropped"):
+                w.add_scalar(f"replay/{s}/{key}", stats[key], c.env_frames)
+        try:
+            return ray.get(self.learner.stats.remote(), timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):
+            return {}  # a dead learner is restarted by _supervise
 
     def _log(self, fps: float, ups: float | None, learner: dict[str, float]) -> None:
         c, w, cfg = self.counters, self.writer, self.cfg
@@ -204,6 +246,7 @@ class Driver:
         lag = float(version - known.mean()) if len(known) else float("nan")
         for i, v in enumerate(self.versions):
             if v >= 0:
+                w.add_scalar(f"actors/{i}/weights_version", v, step)
                 w.add_scalar(f"actors/{i}/weight_version_lag", version - v, step)
         w.add_scalar("charts/weight_version_lag", lag, step)
         w.add_scalar("charts/env_frames_per_s", fps, step)
@@ -214,6 +257,7 @@ class Driver:
         w.add_scalar("replay/size", learner.get("replay_size", 0), step)
         w.add_scalar("charts/learner_updates", learner.get("updates", 0), step)
         w.add_scalar("charts/episodes", c.episodes, step)
+        w.add_scalar("charts/learner_restarts", self.learner_restarts, step)
         w.flush()
         recent = f"{np.mean(c.recent_scores):.1f}" if c.recent_scores else "-"
         best = f"{c.best_score:.0f}" if c.episodes else "-"
@@ -229,8 +273,12 @@ class Driver:
         )
 
     # ----------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
-        state = self._ray.get(self.learner.state.remote(), timeout=300)
+    def save_checkpoint(self) -> Path | None:
+        try:
+            state = self._ray.get(self.learner.state.remote(), timeout=300)
+        except (self._ray.exceptions.RayError, TimeoutError) as exc:
+            print(f"no checkpoint: the learner did not answer ({type(exc).__name__})", flush=True)
+            return None
         counters = vars(self.counters).copy()
         path = checkpoint.save(
             self.cfg.logdir,
@@ -310,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: saving a checkpoint before stopping", flush=True)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the checkpoint finish
+        # Let the checkpoint finish: neither a second Ctrl-C nor a SIGTERM interrupts it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             if driver is not None:
                 driver.save_checkpoint()

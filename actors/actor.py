@@ -2,14 +2,22 @@
 
 Plain class, no Ray: transitions leave through ``sink(chunk)`` and newer weights arrive
 through ``weights_source()``; ``actors/worker.py`` binds both to Ray, tests to local
-objects. One ``step()`` is one batched forward pass and one step of every env.
+objects.
+
+Lanes. The K environments are split into ``lanes`` equal groups that ale-py steps
+asynchronously (its vector env with ``batch_size = K / lanes``): while the emulator
+thread steps one lane, this thread runs the forward pass for another, so inference
+overlaps emulation instead of adding to it. Each lane is its own stream of frames with
+its own :class:`NStepAccumulator`; with one lane the actor is plain synchronous
+batched stepping. ``step()`` advances one lane: receive its results, pick its next
+actions with one batched forward pass, send them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,12 +47,18 @@ class Episode:
 class ActorTimes:
     """Seconds spent per part of the step loop, since creation."""
 
-    env: float = 0.0
-    inference: float = 0.0
-    nstep: float = 0.0
-    push: float = 0.0
-    weights: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
+    env: float = 0.0  # waiting for the emulator
+    inference: float = 0.0  # the forward pass
+    nstep: float = 0.0  # action choice, n-step building, first priorities, episode stats
+    push: float = 0.0  # handing chunks to the sink
+    weights: float = 0.0  # checking for and loading newer weights
+
+
+@dataclass
+class _Lane:
+    envs: np.ndarray  # global env indices of this lane
+    acc: NStepAccumulator
+    started: bool = False
 
 
 class Actor:
@@ -61,28 +75,37 @@ class Actor:
         seed: int,
     ):
         self.cfg, self.index, self.env, self.net = cfg, index, env, net
-        self.epsilons = np.asarray(epsilons, dtype=np.float32)
         self.k = env.num_envs
+        self.epsilons = np.asarray(epsilons, dtype=np.float32)
         if len(self.epsilons) != self.k:
             raise ValueError(f"{len(self.epsilons)} epsilons for {self.k} envs")
+        width = getattr(env, "batch_size", self.k)
+        if self.k % width:
+            raise ValueError(f"{self.k} envs do not split into lanes of {width}")
+        self.lanes = [
+            _Lane(
+                np.arange(first, first + width),
+                NStepAccumulator(
+                    width, cfg.n_step, cfg.gamma, stream * 16 + i, cfg.terminal_on_life_loss
+                ),
+            )  # fmt: skip
+            for i, first in enumerate(range(0, self.k, width))
+        ]
         self.sink, self.weights_source = sink, weights_source
         self.rng = np.random.default_rng(seed)
-        self.acc = NStepAccumulator(
-            self.k, cfg.n_step, cfg.gamma, stream, cfg.terminal_on_life_loss
-        )
         self.weights_version = -1
-        self.steps = 0  # batched steps taken
+        self.lane_steps = 0  # lane steps taken; every lane stepping once is one actor step
         self.env_steps = 0  # agent steps over all envs, reset steps included
         self.times = ActorTimes()
         self.episodes: list[Episode] = []
         self._score = np.zeros(self.k, dtype=np.float64)
         self._length = np.zeros(self.k, dtype=np.int64)
-        obs, info = env.reset(seed=seed)
-        self.obs = obs
-        self._lives = np.asarray(info["lives"]).copy()
-        self.acc.start(obs)
+        self._lives = np.zeros(self.k, dtype=np.int64)
         self.net.eval()
+        obs, info = env.reset(seed=seed)
+        self._act(self._lane_of(info), obs, info)
 
+    # ---------------------------------------------------------------------- weights
     def sync_weights(self) -> bool:
         """Load newer weights if the source has any; never waits for them."""
         got = self.weights_source()
@@ -95,68 +118,78 @@ class Actor:
         self.weights_version = version
         return True
 
-    @torch.inference_mode()
-    def _q_values(self) -> np.ndarray:
-        return self.net(torch.from_numpy(self.obs)).numpy()
+    # ------------------------------------------------------------------------- loop
+    def _lane_of(self, info: dict) -> _Lane:
+        ids = np.asarray(info.get("env_id", np.arange(self.k)))
+        lane = self.lanes[int(ids[0]) // len(self.lanes[0].envs)]
+        if len(ids) != len(lane.envs) or not np.array_equal(ids, lane.envs):
+            raise RuntimeError(f"the env returned envs {ids.tolist()}, not one whole lane")
+        return lane
+
+    def _act(self, lane: _Lane, obs: np.ndarray, info: dict) -> None:
+        """Start or continue a lane from its observations: choose actions and send them."""
+        t0 = time.perf_counter()
+        if not lane.started:
+            lane.acc.start(obs)
+            self._lives[lane.envs] = info["lives"]
+            lane.started = True
+        with torch.inference_mode():
+            q = self.net(torch.from_numpy(obs)).float().numpy()
+        t1 = time.perf_counter()
+        width = len(lane.envs)
+        lane.acc.bootstrap(q.max(axis=1))
+        actions = q.argmax(axis=1)
+        explore = self.rng.random(width) < self.epsilons[lane.envs]
+        actions[explore] = self.rng.integers(0, q.shape[1], int(explore.sum()))
+        lane.acc.record(actions, q[np.arange(width), actions])
+        self.env.send(actions)
+        self.times.inference += t1 - t0
+        self.times.nstep += time.perf_counter() - t1
 
     def step(self) -> None:
+        """Advance one lane: receive its step's results, then send its next actions."""
         t0 = time.perf_counter()
-        q = self._q_values()
-        t1 = time.perf_counter()
-        self.acc.bootstrap(q.max(axis=1))
-        greedy = q.argmax(axis=1)
-        explore = self.rng.random(self.k) < self.epsilons
-        actions = np.where(explore, self.rng.integers(0, q.shape[1], self.k), greedy)
-        self.acc.record(actions, q[np.arange(self.k), actions])
-        t2 = time.perf_counter()
-        self.env.send(actions.astype(np.int64))
         obs, reward, terminated, truncated, info = self.env.recv()
-        t3 = time.perf_counter()
-        self._track_episodes(reward, terminated, truncated)
-        lives = np.asarray(info["lives"])
-        life_lost = (lives < self._lives) & ~self.acc.ended
-        self._lives = lives.copy()
-        self.acc.observe(obs, np.clip(reward, -1.0, 1.0), terminated, truncated, life_lost)
-        self.obs = obs
-        self.steps += 1
-        self.env_steps += self.k
-        t4 = time.perf_counter()
-        self.times.inference += t1 - t0
-        self.times.nstep += (t2 - t1) + (t4 - t3)
-        self.times.env += t3 - t2
-        if self.steps % self.cfg.push_period == 0:
-            self.push()
-        if self.steps % self.cfg.weight_sync_period == 0:
-            t5 = time.perf_counter()
+        t1 = time.perf_counter()
+        self.times.env += t1 - t0
+        lane = self._lane_of(info)
+        observed = lane.started
+        if observed:
+            self._observe(lane, obs, reward, terminated, truncated, info)
+        self.times.nstep += time.perf_counter() - t1
+        self._act(lane, obs, info)
+        self.lane_steps += 1
+        if observed and lane.acc.step % self.cfg.push_period == 0:
+            t2 = time.perf_counter()
+            self.sink(lane.acc.flush())
+            self.times.push += time.perf_counter() - t2
+        if self.lane_steps % (self.cfg.weight_sync_period * len(self.lanes)) == 0:
+            t3 = time.perf_counter()
             self.sync_weights()
-            self.times.weights += time.perf_counter() - t5
+            self.times.weights += time.perf_counter() - t3
 
-    def push(self) -> None:
-        t0 = time.perf_counter()
-        self.sink(self.acc.flush())
-        self.times.push += time.perf_counter() - t0
-
-    def _track_episodes(
-        self, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray
-    ) -> None:
-        live = ~self.acc.ended  # a reset step's reward belongs to no episode
-        self._score += np.where(live, reward, 0.0)
-        self._length += live
-        for e in np.flatnonzero(live & (terminated | truncated)):
+    def _observe(self, lane: _Lane, obs, reward, terminated, truncated, info) -> None:
+        envs, acc = lane.envs, lane.acc
+        live = ~acc.ended  # a reset step's reward belongs to no episode
+        self._score[envs] += np.where(live, reward, 0.0)
+        self._length[envs] += live
+        for j in np.flatnonzero(live & (terminated | truncated)):
+            e = int(envs[j])
             self.episodes.append(
-                Episode(
-                    float(self._score[e]),
-                    int(self._length[e]),
-                    float(self.epsilons[e]),
-                    self.index,
-                    int(e),
-                )
-            )
+                Episode(float(self._score[e]), int(self._length[e]), float(self.epsilons[e]),
+                        self.index, e)
+            )  # fmt: skip
             self._score[e] = 0.0
             self._length[e] = 0
+        lives = np.asarray(info["lives"])
+        life_lost = (lives < self._lives[envs]) & live
+        self._lives[envs] = lives
+        acc.observe(obs, np.clip(reward, -1.0, 1.0), terminated, truncated, life_lost)
+        self.env_steps += len(envs)
 
     def run(self, steps: int) -> None:
-        for _ in range(steps):
+        """Take ``steps`` actor steps (each lane steps ``steps`` times)."""
+        for _ in range(steps * len(self.lanes)):
             self.step()
 
     def drain_episodes(self) -> list[Episode]:

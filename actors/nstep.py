@@ -94,13 +94,15 @@ class NStepAccumulator:
         self.cut[:] = False
 
     def _emit(self, envs, index, discounts: np.ndarray, q_max) -> None:
-        obs = np.atleast_2d(self.win_obs[envs, index])
+        # Copies: with a slice (an episode's flush) indexing gives views of the window,
+        # which record() overwrites before the chunk is flushed.
+        obs = np.atleast_2d(self.win_obs[envs, index]).copy()
         returns = np.atleast_1d(self.win_return[envs, index]).astype(np.float32)
         discounts = discounts.astype(np.float32)
         q_taken = np.atleast_1d(self.win_q[envs, index])
         priorities = np.abs(returns + discounts * q_max - q_taken)
         next_obs = np.broadcast_to(self.stack[envs], obs.shape)
-        actions = np.atleast_1d(self.win_action[envs, index])
+        actions = np.atleast_1d(self.win_action[envs, index]).copy()
         self._out.append((obs, next_obs.copy(), actions, returns, discounts, priorities))
 
     def record(self, actions: np.ndarray, q_taken: np.ndarray) -> None:

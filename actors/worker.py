@@ -23,8 +23,28 @@ import torch
 from actors.actor import Actor
 from common.config import Config
 from common.envs import make_vector_env
-from common.networks import build_network
+from common.networks import build_network, inference_dtype
 from common.schedules import actor_epsilons
+
+
+class BoundedPusher:
+    """``sink`` for an :class:`Actor`: ``shard.add.remote(chunk)``, at most ``limit`` in flight.
+
+    Beyond the limit it waits for the oldest pushes to be acknowledged: back-pressure
+    from a busy shard reaches the actor, and no queue grows without bound.
+    """
+
+    def __init__(self, shard: Any, limit: int):
+        self.shard, self.limit = shard, limit
+        self.in_flight: deque = deque()
+
+    def __call__(self, chunk) -> None:
+        self.in_flight.append(self.shard.add.remote(chunk))
+        excess = len(self.in_flight) - self.limit
+        if excess > 0:
+            done, _ = ray.wait(list(self.in_flight), num_returns=excess)
+            done = set(done)
+            self.in_flight = deque(r for r in self.in_flight if r not in done)
 
 
 class ActorWorker:
@@ -33,10 +53,11 @@ class ActorWorker:
         self.cfg, self.index, self.shard, self.learner = cfg, index, shard, learner
         seed = cfg.seed * 10_007 + index * 101 + int.from_bytes(os.urandom(2), "little")
         self.stream = int.from_bytes(os.urandom(7), "little")  # new for every incarnation
-        env = make_vector_env(cfg, cfg.envs_per_actor, threads=cfg.actor_threads)
+        env = make_vector_env(cfg, cfg.envs_per_actor, cfg.actor_threads, cfg.actor_lanes)
         net = build_network(num_actions, cfg.network, cfg.dueling)
+        net = net.to(inference_dtype(cfg.actor_precision))
         epsilons = actor_epsilons(index, cfg.num_actors, cfg.envs_per_actor, cfg.epsilon_spread)
-        self._pushes: deque = deque()
+        self._push = BoundedPusher(shard, cfg.max_pushes_in_flight)
         self._version_ref: Any = None
         self._weights: tuple[int, Any] | None = None
         self.actor = Actor(cfg, index, env, net, epsilons, self._push, self._poll_weights,
@@ -46,14 +67,6 @@ class ActorWorker:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------- Ray plumbing
-    def _push(self, chunk) -> None:
-        self._pushes.append(self.shard.add.remote(chunk))
-        excess = len(self._pushes) - self.cfg.max_pushes_in_flight
-        if excess > 0:
-            done, _ = ray.wait(list(self._pushes), num_returns=excess)
-            done = set(done)
-            self._pushes = deque(r for r in self._pushes if r not in done)
-
     def _poll_weights(self) -> tuple[int, dict] | None:
         """Advance the non-blocking weight poll; return weights once they are here."""
         if self._weights is not None:
@@ -87,6 +100,14 @@ class ActorWorker:
     def stop(self) -> None:
         self._stop.set()
 
+    def set_learner(self, learner: Any) -> None:
+        """Pull weights from a new learner (the driver restarted it)."""
+        with self._lock:
+            self.learner = learner
+            self._version_ref = None
+            self._weights = None
+            self.actor.weights_version = -1  # the new learner's versions start again
+
     def drain(self) -> dict[str, Any]:
         """Episodes finished and agent steps taken since the last drain, and gauges."""
         with self._lock:
@@ -99,6 +120,6 @@ class ActorWorker:
                 "env_steps": steps,
                 "weights_version": self.actor.weights_version,
                 "epsilons": np.asarray(self.actor.epsilons),
-                "pushes_in_flight": len(self._pushes),
+                "pushes_in_flight": len(self._push.in_flight),
                 "times": times,
             }

@@ -19,6 +19,7 @@ NETWORKS = ("nature", "dqn2013")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "rmsprop")
 EPSILON_SPREADS = ("env", "actor")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 # Bytes one stored transition costs in a full replay shard (one 84x84 frame plus
 # keys, indices and the sum tree); used only to size the default replay capacity.
@@ -44,7 +45,8 @@ class Config:
     terminal_on_life_loss: bool = _f(False, "treat a lost life as terminal for learning")
     # --- actors ------------------------------------------------------------------------
     num_actors: int = _f(0, "Ray actor processes stepping environments (0 = auto)")
-    envs_per_actor: int = _f(8, "environments each actor steps in one batch")
+    envs_per_actor: int = _f(16, "environments each actor steps")
+    actor_lanes: int = _f(2, "groups of an actor's envs stepped in turn, to overlap inference")
     epsilon_spread: str = _f(
         "env",
         "Ape-X epsilons 0.4**(1+7i/(N-1)) over every env of every actor, or one per actor",
@@ -54,6 +56,11 @@ class Config:
     max_pushes_in_flight: int = _f(4, "unacknowledged pushes per actor before it waits")
     weight_sync_period: int = _f(100, "actor steps between checks for newer weights")
     actor_threads: int = _f(1, "torch and emulator threads per actor")
+    actor_precision: str = _f(
+        "auto",
+        "actor inference dtype (auto: bfloat16 where the CPU has bf16 kernels)",
+        choices=PRECISIONS,
+    )
     # --- replay ------------------------------------------------------------------------
     replay_shards: int = _f(0, "replay shard processes (0 = auto)")
     replay_capacity: int = _f(0, "transitions held over all shards (0 = auto, from memory)")
@@ -75,7 +82,7 @@ class Config:
     publish_period: int = _f(25, "learner updates between weight broadcasts to actors")
     prefetch_batches: int = _f(4, "sample requests the learner keeps in flight")
     device: str = _f("auto", "learner device", choices=DEVICES)
-    amp: bool = _f(False, "bf16 autocast for the learner's forward pass (GPU)")
+    amp: bool = _f(False, "bf16 autocast for the learner's forward pass (fast on GPUs)")
     compile: bool = _f(False, "torch.compile the learner's network")
     # --- run ---------------------------------------------------------------------------
     total_frames: int = _f(20_000_000, "stop after this many environment frames")
@@ -104,7 +111,8 @@ def normalize_game(game: str) -> str:
     name = re.sub(r"^ALE/", "", name)
     name = re.sub(r"(NoFrameskip)?-v\d+$", "", name)
     if "_" not in name and name != name.lower():
-        name = re.sub(r"(?<!^)(?=[A-Z])", "_", name)
+        # A capital after a digit stays with it: TicTacToe3D is tic_tac_toe_3d.
+        name = re.sub(r"(?<!^)(?<!\d)(?=[A-Z])|(?<=[a-z])(?=\d[A-Z])", "_", name)
     return name.lower()
 
 
@@ -151,7 +159,7 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
     _positive(
         cfg,
         "frame_skip", "max_episode_frames", "envs_per_actor", "push_period",
-        "max_pushes_in_flight", "weight_sync_period", "actor_threads", "n_step",
+        "max_pushes_in_flight", "weight_sync_period", "actor_threads", "actor_lanes", "n_step",
         "target_update_period", "publish_period", "prefetch_batches", "total_frames",
         "log_interval_s", "checkpoint_interval_s", "keep_checkpoints", "lr", "adam_eps",
         "grad_clip", "beta_anneal_updates",
@@ -162,6 +170,7 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
         ("device", DEVICES),
         ("optimizer", OPTIMIZERS),
         ("epsilon_spread", EPSILON_SPREADS),
+        ("actor_precision", PRECISIONS),
     ):
         if getattr(cfg, name) not in allowed:
             value = getattr(cfg, name)
@@ -172,6 +181,16 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"--{_flag(name)}={value} is invalid: must be in [0, 1]")
+    if cfg.envs_per_actor % cfg.actor_lanes:
+        raise ConfigError(
+            f"--actor-lanes={cfg.actor_lanes} is invalid: must divide "
+            f"--envs-per-actor={cfg.envs_per_actor}"
+        )
+    if cfg.push_period < cfg.n_step + 4:
+        raise ConfigError(
+            f"--push-period={cfg.push_period} is invalid: must be >= --n-step + 4 = "
+            f"{cfg.n_step + 4} (a chunk may refer back that far into the previous one)"
+        )
     if not 0.0 <= cfg.priority_beta <= 1.0:
         raise ConfigError(f"--priority-beta={cfg.priority_beta} is invalid: must be in [0, 1]")
     if (

@@ -9,6 +9,18 @@ so the game always runs to game over.
 
 Stacks at an episode start are zero-padded, ``[0, 0, 0, f0]``; gymnasium's reference
 ``FrameStackObservation`` does the same with ``padding_type="zero"``.
+
+Against that reference (``make_reference_env``: ``frameskip=1`` + ``AtariPreprocessing``
++ ``FrameStackObservation``), with no-op starts and sticky actions off, one seed and one
+action sequence, our observations are identical bit for bit (checked on Space Invaders
+in ``tests/common/test_envs.py``): the reset stack, every stack after it (max-pool of
+frames 3 and 4 of each skip, grayscale, ``INTER_AREA`` resize), the observation of the
+step that ends an episode, and the first stack of the next episode; so are rewards,
+``terminated``, ``truncated`` (frame cap) and lives. With no-op starts or sticky actions
+on, the two follow the same protocol but not the same random draws: gymnasium takes the
+no-op count from ``env.np_random`` and seeds the emulator through a ``SeedSequence``,
+while ale-py's vector env seeds each environment's emulator in C++, so their episodes
+diverge from the reset (no-ops) or from the first repeated action (sticky actions).
 """
 
 from __future__ import annotations
@@ -57,13 +69,18 @@ def num_actions(game: str) -> int:
         env.close()
 
 
-def make_vector_env(cfg: Config, num_envs: int, threads: int = 1) -> Any:
-    """ale-py's vector env with the DQN preprocessing and the config's protocol."""
+def make_vector_env(cfg: Config, num_envs: int, threads: int = 1, lanes: int = 1) -> Any:
+    """ale-py's vector env with the DQN preprocessing and the config's protocol.
+
+    With ``lanes > 1`` the env is asynchronous: ``recv`` returns one lane of
+    ``num_envs / lanes`` envs at a time, in the order their actions were sent.
+    """
     from ale_py.vector_env import AtariVectorEnv
 
     return AtariVectorEnv(
         cfg.game,
         num_envs,
+        batch_size=num_envs // lanes,
         num_threads=threads,
         frameskip=cfg.frame_skip,
         stack_num=STACK,
@@ -84,10 +101,11 @@ def make_vector_env(cfg: Config, num_envs: int, threads: int = 1) -> Any:
     )
 
 
-def make_reference_env(cfg: Config, seed: int | None = None) -> Any:
+def make_reference_env(cfg: Config, seed: int | None = None, render_mode: str | None = None) -> Any:
     """gymnasium's reference pipeline (``AtariPreprocessing`` + ``FrameStackObservation``).
 
-    Used to check our observations, and by tools that need a single ``gym.Env``.
+    Used to check our observations, and by tools that need a single ``gym.Env``;
+    ``render_mode="rgb_array"`` makes ``render()`` return the emulator's RGB screen.
     """
     import ale_py
     import gymnasium as gym
@@ -100,6 +118,7 @@ def make_reference_env(cfg: Config, seed: int | None = None) -> Any:
         frameskip=1,
         repeat_action_probability=cfg.sticky_action_prob,
         max_num_frames_per_episode=cfg.max_episode_frames,
+        render_mode=render_mode,
     )
     env = AtariPreprocessing(env, noop_max=cfg.noop_max, frame_skip=cfg.frame_skip)
     return FrameStackObservation(env, STACK, padding_type="zero")

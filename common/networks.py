@@ -5,7 +5,9 @@
 * ``dueling``: Wang et al. 2016 head, Q = V + A - mean(A), on either torso.
 
 Inputs stay uint8 until the network, which scales them to [0, 1] itself, so replay,
-actors and the input pipeline never hold float frames.
+actors and the input pipeline never hold float frames. A network cast to bfloat16 (the
+actors' inference copy, where the CPU has native bf16 kernels) converts its input to
+bfloat16 instead; see :func:`inference_dtype`.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class QNetwork(nn.Module):
             )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = self.torso(obs.float() * (1.0 / 255.0))
+        dtype = self.torso[0].weight.dtype
+        x = self.torso(obs.to(dtype) * (1.0 / 255.0))
         if not self.dueling:
             return self.head(x)
         advantage = self.advantage(x)
@@ -65,6 +68,21 @@ class QNetwork(nn.Module):
 
 def build_network(num_actions: int, network: str, dueling: bool) -> QNetwork:
     return QNetwork(num_actions, network, dueling)
+
+
+def inference_dtype(precision: str) -> torch.dtype:
+    """The dtype for an actor's inference copy of the network.
+
+    ``auto`` picks bfloat16 where oneDNN has native bf16 kernels for this CPU (about twice
+    as fast as float32 for the Nature network at actor batch sizes) and float32
+    elsewhere. bf16 Q-values carry ~3 significant digits: enough to pick greedy actions
+    and first priorities; the learner always trains in float32.
+    """
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def state_dict_to_numpy(net: nn.Module) -> dict[str, object]:

@@ -73,7 +73,7 @@ class Learner:
             )
         self.updates = 0
         self._forward = torch.compile(self.online) if cfg.compile else self.online
-        self._amp = cfg.amp and self.device.type == "cuda"
+        self._amp = cfg.amp
 
     @property
     def beta(self) -> float:

@@ -5,6 +5,10 @@ never pass for the right one. Stacks are zero-padded at an episode start, autore
 next-step (the step after an episode's final observation ignores its action and returns
 a new episode's first observation with reward 0), lives fall at random, and an episode
 is truncated after ``max_steps`` agent steps, like ale-py's frame cap.
+
+With ``batch_size < num_envs`` it is asynchronous like ale-py with one thread: ``reset``
+returns the first batch, and each ``recv`` returns the next batch in the order actions
+were sent (the other batches' reset observations come first), with ``info["env_id"]``.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ class FakeAtariVectorEnv:
         max_steps: int = 200,
         lives: int = 3,
         seed: int = 0,
+        batch_size: int = 0,
     ):
         self.num_envs = num_envs
+        self.batch_size = batch_size or num_envs
+        assert num_envs % self.batch_size == 0
         self.num_actions = num_actions
         self.terminate_prob = terminate_prob
         self.life_loss_prob = life_loss_prob
@@ -36,7 +43,8 @@ class FakeAtariVectorEnv:
         self.t = np.zeros(num_envs, dtype=np.int64)
         self.lives = np.full(num_envs, lives, dtype=np.int32)
         self.needs_reset = np.zeros(num_envs, dtype=bool)
-        self._actions: np.ndarray | None = None
+        self._ready: list[tuple] = []  # results waiting for recv(), oldest first
+        self._sent: np.ndarray | None = None  # env ids the next send() acts on
         self.closed = False
 
     def _frame(self) -> np.ndarray:
@@ -49,43 +57,53 @@ class FakeAtariVectorEnv:
         self.lives[e] = self.start_lives
         self.needs_reset[e] = False
 
-    def _info(self) -> dict[str, np.ndarray]:
-        return {"lives": self.lives.copy(), "env_id": np.arange(self.num_envs, dtype=np.int32)}
+    def _result(self, ids: np.ndarray, reward, terminated, truncated) -> tuple:
+        info = {"lives": self.lives[ids].copy(), "env_id": ids.astype(np.int32)}
+        return self.stack[ids].copy(), reward, terminated, truncated, info
 
     def reset(self, *, seed: int | None = None, options=None):
         if seed is not None:
             self.rng = np.random.default_rng(seed)
         for e in range(self.num_envs):
             self._reset_env(e)
-        return self.stack.copy(), self._info()
+        b = self.batch_size
+        zeros = np.zeros(b, dtype=np.int32), np.zeros(b, dtype=bool), np.zeros(b, dtype=bool)
+        batches = [np.arange(i, i + b) for i in range(0, self.num_envs, b)]
+        self._ready = [self._result(ids, *zeros) for ids in batches[1:]]
+        self._sent = batches[0]
+        obs, _, _, _, info = self._result(batches[0], *zeros)
+        return obs, info
 
     def send(self, actions: np.ndarray) -> None:
         actions = np.asarray(actions)
-        assert actions.shape == (self.num_envs,), actions.shape
+        assert self._sent is not None, "send() twice without recv()"
+        assert actions.shape == (len(self._sent),), actions.shape
         assert ((actions >= 0) & (actions < self.num_actions)).all()
-        self._actions = actions
-
-    def recv(self):
-        assert self._actions is not None, "recv() without send()"
-        self._actions = None
-        k = self.num_envs
-        reward = np.zeros(k, dtype=np.int32)
-        terminated = np.zeros(k, dtype=bool)
-        truncated = np.zeros(k, dtype=bool)
-        for e in range(k):
+        ids, self._sent = self._sent, None
+        b = len(ids)
+        reward = np.zeros(b, dtype=np.int32)
+        terminated = np.zeros(b, dtype=bool)
+        truncated = np.zeros(b, dtype=bool)
+        for j, e in enumerate(ids):
             if self.needs_reset[e]:
                 self._reset_env(e)
                 continue
             self.stack[e, :-1] = self.stack[e, 1:]
             self.stack[e, -1] = self._frame()
             self.t[e] += 1
-            reward[e] = self.rng.choice([0, 0, 0, 5, 10, 30])
+            reward[j] = self.rng.choice([0, 0, 0, 5, 10, 30])
             if self.rng.random() < self.life_loss_prob:
                 self.lives[e] -= 1
-            terminated[e] = self.lives[e] == 0 or self.rng.random() < self.terminate_prob
-            truncated[e] = not terminated[e] and self.t[e] >= self.max_steps
-            self.needs_reset[e] = terminated[e] or truncated[e]
-        return self.stack.copy(), reward, terminated, truncated, self._info()
+            terminated[j] = self.lives[e] == 0 or self.rng.random() < self.terminate_prob
+            truncated[j] = not terminated[j] and self.t[e] >= self.max_steps
+            self.needs_reset[e] = terminated[j] or truncated[j]
+        self._ready.append(self._result(ids, reward, terminated, truncated))
+
+    def recv(self):
+        assert self._ready, "recv() without send()"
+        result = self._ready.pop(0)
+        self._sent = result[4]["env_id"].astype(np.int64)
+        return result
 
     def step(self, actions: np.ndarray):
         self.send(actions)

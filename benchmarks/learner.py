@@ -1,0 +1,146 @@
+"""Learner updates/s: synthetic in-memory batches against batches from real replay shards.
+
+    python -m benchmarks.learner [--device auto] [--batch-size N] [--shards 2] [--seconds 20]
+    python -m benchmarks.learner --device cuda --batch-size 512 --local   # GPU box, no Ray
+
+``synthetic``: the train step (:meth:`Learner.update`) on one batch already on the
+device, repeated: the ceiling. ``pipeline``: the same learner fed by the real input
+pipeline (:class:`learner.loop.TrainLoop`: sample requests in flight, a prefetch thread,
+pinned non-blocking copies on CUDA, priorities sent back) from replay shards filled
+with synthetic chunks: Ray shard processes by default, in-process shards with
+``--local`` (for machines without Ray). Same process, same threads, one run; the last
+line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from benchmarks import synthetic
+from common.config import Config
+from learner.learning import Learner, TorchBatch
+from learner.loop import TrainLoop
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _synthetic_batch(batch: int, device: torch.device, rng: np.random.Generator) -> TorchBatch:
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
+    obs = rng.integers(0, 256, (batch, 4, 84, 84), dtype=np.uint8)
+    return TorchBatch(
+        obs=t(obs),
+        actions=t(rng.integers(0, 6, batch)),
+        returns=t(rng.standard_normal(batch).astype(np.float32)),
+        discounts=t(np.full(batch, 0.99**3, dtype=np.float32)),
+        next_obs=t(np.roll(obs, 1, axis=0)),
+        weights=t(rng.random(batch).astype(np.float32)),
+    )
+
+
+def _rate(step, seconds: float, device: torch.device, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        if step() is not None:
+            done += 1
+    _sync(device)
+    return done / (time.perf_counter() - t0)
+
+
+def _shards(args, cfg: Config):
+    """Filled shards and a sampler over them (Ray processes, or in-process)."""
+    per_shard = args.capacity // args.shards
+    if args.local:
+        from learner.pipeline import LocalSampler
+        from replay.shard import ReplayShard
+
+        shards = [ReplayShard(per_shard, seed=i) for i in range(args.shards)]
+        for i, shard in enumerate(shards):
+            synthetic.fill(shard.add, int(per_shard * 0.9), stream_base=i * 100)
+        return LocalSampler(shards, cfg.batch_size, seed=0), None
+
+    import ray
+
+    from learner.pipeline import RaySampler
+    from replay.worker import ReplayShardWorker
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    shards = [ReplayShardWorker.options(num_cpus=0).remote(per_shard, seed=i)
+              for i in range(args.shards)]  # fmt: skip
+    for i, shard in enumerate(shards):
+        refs = []
+        synthetic.fill(lambda c, s=shard: refs.append(s.add.remote(c)), int(per_shard * 0.9),
+                       stream_base=i * 100)  # fmt: skip
+        ray.get(refs)
+    return RaySampler(shards, cfg.batch_size, cfg.prefetch_batches, seed=0), ray
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--network", default="nature", choices=("nature", "dqn2013"))
+    parser.add_argument("--no-dueling", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=0, help="0: 512 on CUDA, 64 on CPU")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--capacity", type=int, default=60_000, help="over all shards")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--local", action="store_true", help="in-process shards, no Ray")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = args.batch_size or (512 if device == "cuda" else 64)
+    cfg = Config(
+        network=args.network, dueling=not args.no_dueling, batch_size=batch, device=device,
+        amp=args.amp, compile=args.compile,
+    )  # fmt: skip
+    dev = torch.device(device)
+    learner = Learner(cfg, num_actions=6, device=dev)
+    fixed = _synthetic_batch(batch, dev, np.random.default_rng(0))
+    synthetic_ups = _rate(lambda: learner.update(fixed), args.seconds, dev)
+
+    sampler, ray = _shards(args, cfg)
+    loop = TrainLoop(learner, sampler)
+    try:
+        pipeline_ups = _rate(loop.step, args.seconds, dev)
+        waiting = loop.waiting_s
+    finally:
+        loop.close()
+        if ray is not None:
+            ray.shutdown()
+    result = {
+        "device": torch.cuda.get_device_name(dev) if device == "cuda" else "cpu",
+        "network": args.network + ("" if args.no_dueling else "+dueling"),
+        "batch_size": batch,
+        "amp": args.amp,
+        "compile": args.compile,
+        "torch_threads": torch.get_num_threads(),
+        "synthetic_updates_per_s": round(synthetic_ups, 2),
+        "pipeline_updates_per_s": round(pipeline_ups, 2),
+        "ratio": round(pipeline_ups / synthetic_ups, 3),
+        "pipeline_samples_per_s": round(pipeline_ups * batch, 1),
+        "pipeline_wait_s": round(waiting, 3),
+        "shards": args.shards,
+        "replay": "local" if args.local else "ray",
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
