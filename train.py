@@ -50,35 +50,54 @@ def _local_resources() -> tuple[int, int, int]:
     return os.cpu_count() or 1, int(torch.cuda.is_available()), psutil.virtual_memory().total
 
 
-def _start_ray(cfg: Config) -> None:
+def _cluster_address(cfg: Config) -> str | None:
+    """The Ray cluster to join: ``--address``, else RAY_ADDRESS, else one running here
+    (as on a cluster's head node under ``ray submit``); None means start a local Ray."""
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return cfg.address or os.environ["RAY_ADDRESS"]
+    try:  # the cluster `ray start` last started here, if its GCS still runs
+        from ray._private.services import find_gcs_addresses
+        from ray._private.utils import read_ray_address
+
+        started = read_ray_address()
+        return started if started and started in find_gcs_addresses() else None
+    except Exception:  # Ray's lookup changed: start a local Ray
+        return None
+
+
+def _start_ray(cfg: Config, address: str | None) -> None:
     import ray
 
-    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # Ask for the CPUs the topology reserves (learner + actors), even on a smaller
-        # machine: there they share cores, where Ray would leave actors pending forever.
-        cpus, needed = os.cpu_count() or 1, 1 + cfg.num_actors * cfg.actor_threads
-        if needed > cpus:
-            print(
-                f"note: the learner and {cfg.num_actors} actors reserve {needed} CPUs; "
-                f"this machine has {cpus}, so they will share cores",
-                flush=True,
-            )
-        ray.init(include_dashboard=False, runtime_env=runtime_env, num_cpus=max(cpus, needed))
+        return
+    # Ask for the CPUs the topology reserves (learner + actors), even on a smaller
+    # machine: there they share cores, where Ray would leave actors pending forever.
+    cpus, needed = os.cpu_count() or 1, 1 + cfg.num_actors * cfg.actor_threads
+    if needed > cpus:
+        print(
+            f"note: the learner and {cfg.num_actors} actors reserve {needed} CPUs; "
+            f"this machine has {cpus}, so they will share cores",
+            flush=True,
+        )
+    ray.init(include_dashboard=False, runtime_env=runtime_env, num_cpus=max(cpus, needed))
 
 
-def prepare(argv: list[str] | None) -> tuple[Config, dict | None]:
-    """Parse and validate everything that can be checked before Ray starts."""
+def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None]:
+    """Parse and validate everything that can be checked before Ray starts.
+
+    Returns the config (autos resolved from this machine when Ray will be local), the
+    checkpoint to resume from, and the address of the cluster to join, if any.
+    """
     cfg = from_args(argv)
     resume = None
+    address = _cluster_address(cfg)
     try:
         validate(cfg)
         if cfg.resume:
             resume = checkpoint.load(cfg.resume)
-        if not cfg.address and not os.environ.get("RAY_ADDRESS"):
+        if address is None:
             cpus, gpus, memory = _local_resources()
             cfg = resolve_auto(cfg, cpus=cpus, gpus=gpus, memory_bytes=memory)
             validate(cfg, gpus=gpus)
@@ -88,7 +107,7 @@ def prepare(argv: list[str] | None) -> tuple[Config, dict | None]:
                 cfg = cfg.replace(logdir=str(Path(resume["path"]).parent))
     except (ConfigError, checkpoint.CheckpointError) as exc:
         _die(str(exc))
-    return cfg, resume
+    return cfg, resume, address
 
 
 class Driver:
@@ -132,6 +151,21 @@ class Driver:
         self.learner_run = self.learner.run.remote()
         print(f"learner: {ray.get(self.learner.where.remote())}", flush=True)
         self.actor_runs = {a.run.remote(): i for i, a in enumerate(self.actors)}
+        self._drains: dict = {}  # drain() call in flight -> actor index
+        self.evaluator = None
+        if cfg.eval_interval_s > 0:
+            from actors.evaluate import EvaluatorWorker
+            from common.video import gif_available
+
+            # No CPU reserved: it plays a few episodes now and then, beside the actors.
+            self.evaluator = (
+                ray.remote(EvaluatorWorker)
+                .options(num_cpus=0, max_restarts=-1)
+                .remote(cfg, actions, epsilon=cfg.eval_epsilon,
+                        video=cfg.eval_video and gif_available(), video_max_steps=2_700)
+            )  # fmt: skip
+        self._eval_ref, self._eval_step, self._evals = None, 0, 0
+        self._last_eval = time.monotonic()
         self.writer = SummaryWriter(cfg.logdir)
         self.writer.add_text("config", _config_table(cfg), global_step=0)
         self.versions = np.full(cfg.num_actors, -1)
@@ -148,6 +182,7 @@ class Driver:
             time.sleep(min(1.0, cfg.log_interval_s))
             self._supervise()
             now = time.monotonic()
+            self._poll_evaluation(now)
             if now - last_log >= cfg.log_interval_s:
                 c.wall_time_s = now - start
                 learner = self._collect()
@@ -185,6 +220,54 @@ class Driver:
             print(f"actor {i} stopped; restarting its loop", flush=True)
             self.actor_runs[self.actors[i].run.remote()] = i
 
+    def _poll_evaluation(self, now: float) -> None:
+        """Log a finished evaluation; start the next one when it is due. Never waits."""
+        if self.evaluator is None:
+            return
+        ray = self._ray
+        if self._eval_ref is not None:
+            if not ray.wait([self._eval_ref], timeout=0)[0]:
+                return
+            try:
+                self._log_evaluation(ray.get(self._eval_ref))
+            except ray.exceptions.RayError as exc:
+                print(f"evaluation failed: {exc}", flush=True)
+            self._eval_ref = None
+        if now - self._last_eval < self.cfg.eval_interval_s:
+            return
+        try:
+            latest = ray.get(self.learner.latest_weights.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):
+            return
+        if latest is None or latest[0] == 0:
+            return  # nothing learnt yet
+        version, (weights,) = latest
+        video = self.cfg.eval_video and self._evals % 3 == 0
+        self._eval_ref = self.evaluator.evaluate.remote(
+            version, weights, self.cfg.eval_episodes, video
+        )
+        self._eval_step, self._last_eval = self.counters.env_frames, now
+        self._evals += 1
+
+    def _log_evaluation(self, result: dict) -> None:
+        from common.video import log_video
+
+        w, step = self.writer, self._eval_step  # frames when those weights were taken
+        for key in ("mean", "std", "min", "max"):
+            w.add_scalar(f"eval/episodic_return_{key}", result[key], step)
+        w.add_scalar("eval/episodic_length_mean", result["mean_length"], step)
+        w.add_scalar("eval/truncated_episodes", result["num_truncated"], step)
+        w.add_scalar("eval/weights_version", result["weights_version"], step)
+        if result["human_normalized"] is not None:
+            w.add_scalar("eval/human_normalized_score", result["human_normalized"], step)
+        if result["video_gif"] is not None:
+            log_video(w, "eval/video", result["video_gif"], step)
+        print(
+            f"eval (weights v{result['weights_version']}): {result['mean']:.1f} "
+            f"+/- {result['std']:.1f} over {result['episodes']} episodes",
+            flush=True,
+        )
+
     def _restart_learner(self) -> None:
         """A new learner from the newest checkpoint on disk (or fresh if there is none)."""
         try:
@@ -202,11 +285,20 @@ class Driver:
 
     def _collect(self) -> dict[str, float]:
         ray, c, w = self._ray, self.counters, self.writer
-        refs = [a.drain.remote() for a in self.actors]
-        for ref in refs:
+        # One drain in flight per actor, kept until it answers: an actor that is slow,
+        # still starting or waiting for a node delays nobody, and its counts are not lost.
+        asked = set(self._drains.values())
+        for i, a in enumerate(self.actors):
+            if i not in asked:
+                self._drains[a.drain.remote()] = i
+        ready, _ = ray.wait(
+            list(self._drains), num_returns=len(self._drains), timeout=self.cfg.log_interval_s
+        )
+        for ref in ready:
+            del self._drains[ref]
             try:
-                report = ray.get(ref, timeout=30)
-            except (ray.exceptions.RayError, TimeoutError):
+                report = ray.get(ref)
+            except ray.exceptions.RayError:
                 continue
             i = report["index"]
             c.env_frames += report["env_steps"] * self.cfg.frame_skip
@@ -303,6 +395,50 @@ class Driver:
         self.writer.close()
 
 
+def run_serial(cfg: Config, env, num_actions: int, steps: int, updates_per_step: int = 1,
+               seed: int = 0):  # fmt: skip
+    """The same components in one process, no Ray: for tests and debugging.
+
+    One actor steps ``env``, one replay shard stores its chunks, the learner trains
+    ``updates_per_step`` batches after each actor step once ``replay_min_size``
+    transitions are in, and the actor takes the learner's weights every
+    ``weight_sync_period`` steps. Returns the learner and the actor.
+    """
+    import torch
+
+    from actors.actor import Actor
+    from common.networks import build_network, state_dict_to_numpy
+    from common.schedules import actor_epsilons
+    from learner.learning import Learner
+    from learner.pipeline import LocalSampler, to_torch
+    from replay.shard import ReplayShard
+
+    torch.manual_seed(seed)
+    shard = ReplayShard(cfg.replay_capacity, cfg.priority_alpha, seed=seed)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    learner = Learner(cfg, num_actions, device)
+    sampler = LocalSampler([shard], cfg.batch_size, seed=seed)
+    epsilons = actor_epsilons(0, 1, env.num_envs, cfg.epsilon_spread)
+    net = build_network(num_actions, cfg.network, cfg.dueling)
+    actor = Actor(
+        cfg, 0, env, net, epsilons, shard.add,
+        lambda: (learner.updates, state_dict_to_numpy(learner.online)),
+        stream=0, seed=seed,
+    )  # fmt: skip
+    actor.sync_weights()
+    for _ in range(steps):
+        actor.run(1)
+        if len(shard) < cfg.replay_min_size:
+            continue
+        for _ in range(updates_per_step):
+            drawn = sampler.draw(learner.beta)
+            priorities, _ = learner.update(to_torch(drawn, learner.device))
+            sampler.update_priorities(drawn.shard, drawn.batch.keys, priorities.numpy())
+    return learner, actor
+
+
 def _config_table(cfg: Config) -> str:
     rows = "\n".join(f"|{k}|{v}|" for k, v in cfg.to_dict().items())
     return "|setting|value|\n|-|-|\n" + rows
@@ -327,10 +463,10 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = prepare(argv)
+    cfg, resume, address = prepare(argv)
     import ray
 
-    _start_ray(cfg)
+    _start_ray(cfg, address)
     try:
         resources = ray.cluster_resources()
         resolved = resolve_auto(

@@ -82,15 +82,12 @@ class Actor:
         width = getattr(env, "batch_size", self.k)
         if self.k % width:
             raise ValueError(f"{self.k} envs do not split into lanes of {width}")
-        self.lanes = [
-            _Lane(
-                np.arange(first, first + width),
-                NStepAccumulator(
-                    width, cfg.n_step, cfg.gamma, stream * 16 + i, cfg.terminal_on_life_loss
-                ),
-            )  # fmt: skip
-            for i, first in enumerate(range(0, self.k, width))
-        ]
+        self.lanes = []
+        for i, first in enumerate(range(0, self.k, width)):
+            acc = NStepAccumulator(
+                width, cfg.n_step, cfg.gamma, stream * 16 + i, cfg.terminal_on_life_loss
+            )
+            self.lanes.append(_Lane(np.arange(first, first + width), acc))
         self.sink, self.weights_source = sink, weights_source
         self.rng = np.random.default_rng(seed)
         self.weights_version = -1

@@ -79,11 +79,11 @@ def _shards(args, cfg: Config):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     shards = [ReplayShardWorker.options(num_cpus=0).remote(per_shard, seed=i)
               for i in range(args.shards)]  # fmt: skip
+    refs = []
     for i, shard in enumerate(shards):
-        refs = []
         synthetic.fill(lambda c, s=shard: refs.append(s.add.remote(c)), int(per_shard * 0.9),
                        stream_base=i * 100)  # fmt: skip
-        ray.get(refs)
+    ray.get(refs)
     return RaySampler(shards, cfg.batch_size, cfg.prefetch_batches, seed=0), ray
 
 

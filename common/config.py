@@ -84,11 +84,18 @@ class Config:
     device: str = _f("auto", "learner device", choices=DEVICES)
     amp: bool = _f(False, "bf16 autocast for the learner's forward pass (fast on GPUs)")
     compile: bool = _f(False, "torch.compile the learner's network")
+    # --- evaluation --------------------------------------------------------------------
+    eval_interval_s: float = _f(600.0, "seconds between evaluations of the newest weights (0: off)")
+    eval_episodes: int = _f(10, "episodes per evaluation (standard protocol, unclipped score)")
+    eval_epsilon: float = _f(0.05, "epsilon of the evaluation policy")
+    eval_video: bool = _f(True, "record a video every third evaluation (TensorBoard Images tab)")
     # --- run ---------------------------------------------------------------------------
     total_frames: int = _f(20_000_000, "stop after this many environment frames")
     seed: int = _f(0, "random seed")
-    logdir: str = _f("", "TensorBoard and checkpoint directory (default runs/<game>-<time>)")
-    address: str = _f("", "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    logdir: str = _f("", "TensorBoard and checkpoint directory (empty: runs/<game>-<time>)")
+    address: str = _f(
+        "", "Ray cluster to join (empty: RAY_ADDRESS, a running ray start, else local)"
+    )
     resume: str = _f("", "continue the run whose checkpoints are in this directory")
     log_interval_s: float = _f(10.0, "seconds between console lines and TensorBoard points")
     checkpoint_interval_s: float = _f(300.0, "seconds between checkpoints")
@@ -164,7 +171,11 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
         "log_interval_s", "checkpoint_interval_s", "keep_checkpoints", "lr", "adam_eps",
         "grad_clip", "beta_anneal_updates",
     )  # fmt: skip
-    _positive(cfg, "noop_max", "replay_min_size", "priority_alpha", "seed", allow_zero=True)
+    _positive(
+        cfg, "noop_max", "replay_min_size", "priority_alpha", "seed", "eval_interval_s",
+        allow_zero=True,
+    )  # fmt: skip
+    _positive(cfg, "eval_episodes")
     for name, allowed in (
         ("network", NETWORKS),
         ("device", DEVICES),
@@ -177,7 +188,7 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
             raise ConfigError(
                 f"--{_flag(name)}={value!r} is unknown: choose one of {', '.join(allowed)}"
             )
-    for name in ("gamma", "sticky_action_prob"):
+    for name in ("gamma", "sticky_action_prob", "eval_epsilon"):
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"--{_flag(name)}={value} is invalid: must be in [0, 1]")

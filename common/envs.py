@@ -101,6 +101,18 @@ def make_vector_env(cfg: Config, num_envs: int, threads: int = 1, lanes: int = 1
     )
 
 
+def _gymnasium_id(game: str) -> str:
+    """gymnasium's id for an ALE ROM: ``space_invaders`` -> ``ALE/SpaceInvaders-v5``."""
+    import gymnasium as gym
+
+    from common.config import normalize_game
+
+    for env_id in gym.registry:
+        if env_id.startswith("ALE/") and env_id.endswith("-v5") and normalize_game(env_id) == game:
+            return env_id
+    raise ValueError(f"gymnasium registers no ALE/...-v5 env for the ROM {game!r}")
+
+
 def make_reference_env(cfg: Config, seed: int | None = None, render_mode: str | None = None) -> Any:
     """gymnasium's reference pipeline (``AtariPreprocessing`` + ``FrameStackObservation``).
 
@@ -112,7 +124,7 @@ def make_reference_env(cfg: Config, seed: int | None = None, render_mode: str | 
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
 
     gym.register_envs(ale_py)
-    env_id = "ALE/" + "".join(part.capitalize() for part in cfg.game.split("_")) + "-v5"
+    env_id = _gymnasium_id(cfg.game)
     env = gym.make(
         env_id,
         frameskip=1,

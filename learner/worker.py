@@ -41,6 +41,7 @@ class LearnerWorker:
             raise RuntimeError("--device=cuda but the learner's node has no usable GPU")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)  # --seed fixes the initial networks
         self.learner = Learner(cfg, num_actions, self.device)
         if state is not None:
             self.learner.load_state_dict(state)

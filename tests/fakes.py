@@ -47,12 +47,17 @@ class FakeAtariVectorEnv:
         self._sent: np.ndarray | None = None  # env ids the next send() acts on
         self.closed = False
 
-    def _frame(self) -> np.ndarray:
+    def _frame(self, e: int) -> np.ndarray:
+        """The next frame of env ``e``."""
         return self.rng.integers(0, 256, FRAME_SHAPE, dtype=np.uint8)
+
+    def _reward(self, e: int, action: int) -> int:
+        """The reward of ``action`` in env ``e``'s current state."""
+        return int(self.rng.choice([0, 0, 0, 5, 10, 30]))
 
     def _reset_env(self, e: int) -> None:
         self.stack[e] = 0
-        self.stack[e, -1] = self._frame()
+        self.stack[e, -1] = self._frame(e)
         self.t[e] = 0
         self.lives[e] = self.start_lives
         self.needs_reset[e] = False
@@ -88,10 +93,10 @@ class FakeAtariVectorEnv:
             if self.needs_reset[e]:
                 self._reset_env(e)
                 continue
+            reward[j] = self._reward(e, int(actions[j]))
             self.stack[e, :-1] = self.stack[e, 1:]
-            self.stack[e, -1] = self._frame()
+            self.stack[e, -1] = self._frame(e)
             self.t[e] += 1
-            reward[j] = self.rng.choice([0, 0, 0, 5, 10, 30])
             if self.rng.random() < self.life_loss_prob:
                 self.lives[e] -= 1
             terminated[j] = self.lives[e] == 0 or self.rng.random() < self.terminate_prob
@@ -111,3 +116,27 @@ class FakeAtariVectorEnv:
 
     def close(self) -> None:
         self.closed = True
+
+
+
+class ToyAtariVectorEnv(FakeAtariVectorEnv):
+    """A learnable game with the same observations and API: the newest frame shows a
+    bright bar on the left or on the right; action 0 (left) or 1 (right) matching it
+    earns +1, anything else 0. Episodes are truncated after ``max_steps`` steps. A
+    working learner reaches near-perfect greedy play within a few hundred updates; a
+    broken one stays at chance (1/4 of the steps rewarded under a uniform policy)."""
+
+    def __init__(self, num_envs: int, max_steps: int = 20, seed: int = 0, batch_size: int = 0):
+        self.side = np.zeros(num_envs, dtype=np.int64)
+        super().__init__(num_envs, num_actions=4, terminate_prob=0.0, life_loss_prob=0.0,
+                         max_steps=max_steps, seed=seed, batch_size=batch_size)  # fmt: skip
+
+    def _frame(self, e: int) -> np.ndarray:
+        self.side[e] = self.rng.integers(0, 2)
+        frame = np.zeros(FRAME_SHAPE, dtype=np.uint8)
+        columns = slice(6, 36) if self.side[e] == 0 else slice(48, 78)
+        frame[20:64, columns] = 255
+        return frame
+
+    def _reward(self, e: int, action: int) -> int:
+        return int(action == self.side[e])
