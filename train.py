@@ -81,7 +81,14 @@ def _start_ray(cfg: Config, address: str | None) -> None:
             f"this machine has {cpus}, so they will share cores",
             flush=True,
         )
-    ray.init(include_dashboard=False, runtime_env=runtime_env, num_cpus=max(cpus, needed))
+    # "local": a new Ray even where /tmp/ray/ray_current_cluster names another cluster
+    # (`ray start`, ray.cluster_utils.Cluster), live or stale, which ray.init() would join.
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        num_cpus=max(cpus, needed),
+    )
 
 
 def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None]:
@@ -90,7 +97,10 @@ def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None]:
     Returns the config (autos resolved from this machine when Ray will be local), the
     checkpoint to resume from, and the address of the cluster to join, if any.
     """
-    cfg = from_args(argv)
+    try:
+        cfg = from_args(argv)
+    except ConfigError as exc:
+        _die(str(exc))
     resume = None
     address = _cluster_address(cfg)
     try:

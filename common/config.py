@@ -26,6 +26,21 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 _BYTES_PER_TRANSITION = 7_300
 
 
+# Named settings for a kind of machine; flags given on the command line still win.
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2-4 CPU cores, no GPU: the best score per wall-clock minute there. One actor with
+    # 16 envs keeps one core busy; the small 2013 network (with a dueling head) lets the
+    # learner on the other core train ~1 sample per transition collected at batch 32; a
+    # higher learning rate and a shorter target period suit runs of an hour or less.
+    "laptop": {
+        "num_actors": 1, "envs_per_actor": 16, "replay_shards": 1,
+        "network": "dqn2013", "dueling": True, "batch_size": 32, "lr": 2.5e-4,
+        "replay_capacity": 200_000, "replay_min_size": 10_000,
+        "target_update_period": 1_000, "eval_interval_s": 300.0,
+    },
+}  # fmt: skip
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message is one line naming the value and what is allowed."""
 
@@ -45,6 +60,9 @@ class Config:
     terminal_on_life_loss: bool = _f(False, "treat a lost life as terminal for learning")
     # --- actors ------------------------------------------------------------------------
     num_actors: int = _f(0, "Ray actor processes stepping environments (0 = auto)")
+    max_actors: int = _f(
+        0, "start more actors, up to this many, as CPUs become free (0 = --num-actors: fixed)"
+    )
     envs_per_actor: int = _f(16, "environments each actor steps")
     actor_lanes: int = _f(2, "groups of an actor's envs stepped in turn, to overlap inference")
     epsilon_spread: str = _f(
@@ -90,6 +108,7 @@ class Config:
     eval_epsilon: float = _f(0.05, "epsilon of the evaluation policy")
     eval_video: bool = _f(True, "record a video every third evaluation (TensorBoard Images tab)")
     # --- run ---------------------------------------------------------------------------
+    preset: str = _f("", f"named settings ({', '.join(PRESETS)}); flags given still win")
     total_frames: int = _f(20_000_000, "stop after this many environment frames")
     seed: int = _f(0, "random seed")
     logdir: str = _f("", "TensorBoard and checkpoint directory (empty: runs/<game>-<time>)")
@@ -162,7 +181,15 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
     ``gpus`` is the number of GPUs visible to the cluster, when known; with it,
     ``--device cuda`` on a machine without one is refused here rather than later.
     """
-    _positive(cfg, "num_actors", "replay_shards", "replay_capacity", "batch_size", allow_zero=True)
+    _positive(
+        cfg, "num_actors", "max_actors", "replay_shards", "replay_capacity", "batch_size",
+        allow_zero=True,
+    )  # fmt: skip
+    if cfg.max_actors and cfg.num_actors and cfg.max_actors < cfg.num_actors:
+        raise ConfigError(
+            f"--max-actors={cfg.max_actors} is invalid: must be 0 (a fixed population) or "
+            f">= --num-actors={cfg.num_actors}"
+        )
     _positive(
         cfg,
         "frame_skip", "max_episode_frames", "envs_per_actor", "push_period",
@@ -245,7 +272,8 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
+    """The command line of ``train.py``; ``only_given`` leaves out flags not given."""
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Ape-X distributed prioritized DQN for Atari on Ray.",
@@ -253,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(Config):
         flag = "--" + _flag(f.name)
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
+        default = argparse.SUPPRESS if only_given else f.default
+        kwargs: dict[str, Any] = {"default": default, "help": f.metadata["help"], "dest": f.name}
         if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -264,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def from_args(argv: list[str] | None = None) -> Config:
-    """Parse the command line into a :class:`Config` (autos not yet resolved)."""
-    args = build_parser().parse_args(argv)
-    return Config(**vars(args))
+    """Parse the command line into a :class:`Config` (autos not yet resolved).
+
+    With ``--preset NAME`` the preset's settings replace the defaults of the flags not
+    given on the command line.
+    """
+    args = vars(build_parser().parse_args(argv))
+    if args["preset"]:
+        if args["preset"] not in PRESETS:
+            raise ConfigError(
+                f"--preset={args['preset']!r} is unknown: choose one of {', '.join(PRESETS)}"
+            )
+        given = vars(build_parser(only_given=True).parse_args(argv))
+        args.update({k: v for k, v in PRESETS[args["preset"]].items() if k not in given})
+    return Config(**args)

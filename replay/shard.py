@@ -3,22 +3,37 @@
 Storage. A naive replay keeps two stacks of 4 x 84 x 84 bytes per transition (56,448 B).
 Here every frame an actor sees is written once into a pool of 84x84 slots; a transition
 holds eight int32 slot numbers (its observation stack and its bootstrap stack), so a
-transition costs about one frame (7,056 B) plus ~80 B of bookkeeping. Stacks are rebuilt
-at sample time with one gather, ``frames[slots]``, which is as fast as copying stored
-stacks and needs no decompression. This beats compressing stacks: the gather is a memcpy
-the learner's batch needs anyway, and there is no codec on the sampling path.
+transition costs about one frame (7,056 B), ~70 B of bookkeeping (slots, action, return,
+discount, sum tree, reference count, free list) and the pool's slack below: ~7,270 B in
+a full shard of 200k items, ~7,240 B at 1M. Stacks are rebuilt at sample time with one
+gather, ``np.take(frames, slots)``, straight into the batch's contiguous arrays. That
+gather is the copy the learner's batch needs anyway: a naive buffer copies the same
+29 MB per batch of 512, in rows of 28 KB rather than 7 KB, which makes it only ~1.4x
+faster (``benchmarks/replay.py``). There is no codec on the sampling path: compressing
+stacks would cost a decode per sampled stack and still store each frame up to 8 times.
+
+Frame slots. An episode of L steps brings L + 1 frames for its L transitions, the
+oldest live items still name up to 3 frames of evicted ones, and each stream pins its
+tail; the pool has ``capacity + capacity // 64 + 1024`` slots, enough for episodes of
+~64 steps and more on average. With shorter episodes the oldest items leave before the
+item capacity is reached (a chunk that finds too few free slots evicts until it fits),
+so the shard holds fewer items but stays correct.
 
 Frame slots are reference counted. A slot is held by every live transition that names
 it, and by the last ``tail`` frames of each stream, which the stream's next chunk may
 still name (a stack reaches 3 frames back and a bootstrap n frames ahead across a push).
-A slot whose count drops to zero goes back to the free list. Transitions are evicted
-oldest first (FIFO) when the item capacity is reached, or when a chunk needs more frame
-slots than are free; either way the frames they alone held come free.
+A stream's tail is the last ``tail`` frames of the *stream*, joined across chunks, so
+chunks shorter than their tail (small push periods) lose nothing. A slot whose count
+drops to zero goes back to the free list. The tails of streams that stopped pushing (a
+restarted actor starts a new stream) are let go after ``STREAM_TIMEOUT_CHUNKS`` chunks
+from other streams, or when more than ``MAX_STREAMS`` streams are remembered, so dead
+streams cannot pin frames for long.
 
 Keys. Each stored transition gets a key that only grows; its item slot is
 ``key % capacity``. Items with keys in ``[oldest_key, next_key)`` are live. A priority
 update for a key outside that range (the item was evicted, perhaps its slot reused)
-is dropped.
+is dropped. Inserting and evicting touch runs of consecutive items, so the sum tree is
+written with range updates (``SumTree.set_range``), one slice per tree level.
 
 Why a sampled index is always valid here: (1) empty and evicted item slots have zero
 priority, and the sum tree never descends into zero mass; (2) a live item's frames
@@ -41,6 +56,7 @@ from common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
 from replay.sum_tree import SumTree
 
 MAX_STREAMS = 4096  # stream tails remembered; the least recently pushing is forgotten first
+STREAM_TIMEOUT_CHUNKS = 4096  # a stream silent for this many chunks is forgotten
 
 
 def importance_weights(probs: np.ndarray, size: int, beta: float) -> np.ndarray:
@@ -53,6 +69,7 @@ def importance_weights(probs: np.ndarray, size: int, beta: float) -> np.ndarray:
 class _StreamTail:
     first_frame: int  # frame number of slots[0]
     slots: np.ndarray  # int32 frame slots of the stream's last `tail` frames
+    last_chunk: int  # the shard's chunk counter when the stream last pushed
 
 
 class ReplayShard:
@@ -71,9 +88,9 @@ class ReplayShard:
         self.capacity = capacity
         self.alpha = alpha
         self.eps = eps
-        # A transition needs about one new frame; 1/32 more covers episode starts and
-        # stream tails. If a chunk finds too few free slots, the oldest items go early.
-        self.frame_capacity = frame_capacity or capacity + capacity // 32 + 1024
+        self.frame_capacity = frame_capacity or capacity + capacity // 64 + 1024
+        if self.frame_capacity < 4:
+            raise ValueError(f"frame_capacity must be >= 4, got {self.frame_capacity}")
         self._zero_slot = self.frame_capacity  # never allocated, never freed
         self.frames = np.zeros((self.frame_capacity + 1, *FRAME_SHAPE), dtype=np.uint8)
         self._refcount = np.full(self.frame_capacity + 1, -1, dtype=np.int32)  # -1: free
@@ -81,8 +98,8 @@ class ReplayShard:
         self._free = np.arange(self.frame_capacity - 1, -1, -1, dtype=np.int32)  # a stack
         self._num_free = self.frame_capacity
 
-        self.obs_slots = np.zeros((capacity, STACK), dtype=np.int32)
-        self.next_slots = np.zeros((capacity, STACK), dtype=np.int32)
+        # slots[i, 0] is item i's observation stack, slots[i, 1] its bootstrap stack.
+        self.slots = np.zeros((capacity, 2, STACK), dtype=np.int32)
         self.actions = np.zeros(capacity, dtype=np.uint8)
         self.returns = np.zeros(capacity, dtype=np.float32)
         self.discounts = np.zeros(capacity, dtype=np.float32)
@@ -92,7 +109,8 @@ class ReplayShard:
         self.next_key = 0
         self.dropped = 0  # transitions refused because their frames were unknown
         self.added = 0
-        self._tails: OrderedDict[int, _StreamTail] = OrderedDict()
+        self.chunks = 0
+        self._tails: OrderedDict[int, _StreamTail] = OrderedDict()  # least recent first
         self._rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------ introspection
@@ -104,13 +122,18 @@ class ReplayShard:
         return self.tree.total
 
     @property
+    def frames_used(self) -> int:
+        return self.frame_capacity - self._num_free
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by every array of the shard."""
         arrays = (
-            self.frames, self._refcount, self._free, self.obs_slots, self.next_slots,
+            self.frames, self._refcount, self._free, self.slots,
             self.actions, self.returns, self.discounts,
         )  # fmt: skip
-        return sum(a.nbytes for a in arrays) + self.tree.nbytes
+        tails = sum(t.slots.nbytes for t in self._tails.values())
+        return sum(a.nbytes for a in arrays) + self.tree.nbytes + tails
 
     def stats(self) -> dict[str, float]:
         return {
@@ -118,24 +141,34 @@ class ReplayShard:
             "added": self.added,
             "dropped": self.dropped,
             "total_priority": self.total_priority,
-            "frames_used": self.frame_capacity - self._num_free,
+            "frames_used": self.frames_used,
+            "streams": len(self._tails),
             "nbytes": self.nbytes,
         }
+
+    def _runs(self, first_key: int, count: int) -> list[tuple[int, int]]:
+        """The items of keys ``first_key ..`` as at most two runs (item start, length)."""
+        start = first_key % self.capacity
+        head = min(count, self.capacity - start)
+        return [(start, head), (0, count - head)] if count > head else [(start, head)]
 
     # ----------------------------------------------------------------------- insertion
     def add(self, chunk: TransitionChunk) -> int:
         """Store a chunk; returns how many of its transitions were stored."""
         num_frames = len(chunk.frames)
-        if num_frames > self.frame_capacity // 2:
+        if num_frames > self.frame_capacity // 2 or chunk.tail > self.frame_capacity // 4:
             raise ValueError(
-                f"a chunk of {num_frames} frames is too large for a shard of "
-                f"{self.frame_capacity} frame slots"
+                f"a chunk of {num_frames} frames and a tail of {chunk.tail} is too large "
+                f"for a shard of {self.frame_capacity} frame slots"
             )
-        tail = self._tails.pop(chunk.stream, None)
-        obs, next_obs, valid = self._resolve(chunk, tail)
+        tail = self._tails.get(chunk.stream)
+        refs = np.concatenate([chunk.obs, chunk.next_obs], axis=1)  # (T, 8) frame numbers
+        valid = self._known(refs, chunk, tail)
         count = int(valid.sum())
         if count > self.capacity:
             raise ValueError(f"a chunk of {count} transitions exceeds the capacity")
+        if tail is not None:  # out of the LRU order while we make room: it must survive
+            del self._tails[chunk.stream]
         self.dropped += len(chunk) - count
 
         # Make room: first for the items, then for the frames (evicting frees frames).
@@ -143,47 +176,58 @@ class ReplayShard:
         while self._num_free < num_frames:
             if len(self) == 0:
                 self._forget_oldest_stream()
-            self._evict(max(num_frames - self._num_free, 1))
+            self._evict(num_frames - self._num_free)
         new_slots = self._free[self._num_free - num_frames : self._num_free][::-1].copy()
         self._num_free -= num_frames
         self._refcount[new_slots] = 0
         self.frames[new_slots] = chunk.frames
 
-        def to_slots(numbers: np.ndarray) -> np.ndarray:
-            slots = np.full(numbers.shape, self._zero_slot, dtype=np.int32)
-            new = numbers >= chunk.first_frame
-            slots[new] = new_slots[numbers[new] - chunk.first_frame]
-            old = (numbers < chunk.first_frame) & (numbers != ZERO_FRAME)
-            if old.any():
-                slots[old] = tail.slots[numbers[old] - tail.first_frame]
-            return slots
-
-        keys = np.arange(self.next_key, self.next_key + count)
-        items = keys % self.capacity
-        item_obs, item_next = to_slots(obs[valid]), to_slots(next_obs[valid])
-        self.obs_slots[items] = item_obs
-        self.next_slots[items] = item_next
-        self.actions[items] = chunk.actions[valid]
-        self.returns[items] = chunk.returns[valid]
-        self.discounts[items] = chunk.discounts[valid]
-        np.add.at(self._refcount, item_obs.ravel(), 1)
-        np.add.at(self._refcount, item_next.ravel(), 1)
+        # Frame numbers to slots: the chunk's own frames, the tail's, or the zero frame.
+        refs = refs[valid] if count < len(valid) else refs
+        slots = np.full(refs.shape, self._zero_slot, dtype=np.int32)
+        new = refs >= chunk.first_frame
+        slots[new] = new_slots[refs[new] - chunk.first_frame]
+        old = ~new & (refs != ZERO_FRAME)
+        if old.any():
+            slots[old] = tail.slots[refs[old] - tail.first_frame]
+        np.add.at(self._refcount, slots.ravel(), 1)
         self._refcount[self._zero_slot] = 0  # the zero frame is shared, never counted
-        self.tree.set(items, self._scaled(chunk.priorities[valid]))
+
+        priorities = self._scaled(chunk.priorities[valid])
+        done = 0
+        for start, length in self._runs(self.next_key, count):
+            items = slice(start, start + length)
+            part = slice(done, done + length)
+            self.slots[items] = slots[part].reshape(length, 2, STACK)
+            self.actions[items] = chunk.actions[valid][part]
+            self.returns[items] = chunk.returns[valid][part]
+            self.discounts[items] = chunk.discounts[valid][part]
+            self.tree.set_range(start, priorities[part])
+            done += length
         self.next_key += count
         self.added += count
+        self.chunks += 1
 
-        # Hold the new tail, then let go of the old one: frames nothing names come free.
-        keep = min(chunk.tail, num_frames)
-        tail_slots = new_slots[num_frames - keep :]
+        # The stream's new tail: its last `tail` frames, across chunks when this one is
+        # shorter. Hold the new tail, then let go of the old one, so shared slots survive.
+        if tail is not None and tail.first_frame + len(tail.slots) == chunk.first_frame:
+            joined, joined_first = np.concatenate([tail.slots, new_slots]), tail.first_frame
+        else:
+            joined, joined_first = new_slots, chunk.first_frame
+        keep = min(chunk.tail, len(joined))
+        tail_slots = joined[len(joined) - keep :].copy()
         self._refcount[tail_slots] += 1
-        self._tails[chunk.stream] = _StreamTail(chunk.first_frame + num_frames - keep, tail_slots)
+        self._tails[chunk.stream] = _StreamTail(
+            joined_first + len(joined) - keep, tail_slots, self.chunks
+        )
         released = [new_slots]
         if tail is not None:
             self._refcount[tail.slots] -= 1
             released.append(tail.slots)
         self._release(np.concatenate(released))
-        if len(self._tails) > MAX_STREAMS:
+        while len(self._tails) > MAX_STREAMS or (
+            next(iter(self._tails.values())).last_chunk < self.chunks - STREAM_TIMEOUT_CHUNKS
+        ):
             self._forget_oldest_stream()
         return count
 
@@ -195,26 +239,24 @@ class ReplayShard:
         self._refcount[forgotten.slots] -= 1
         self._release(forgotten.slots)
 
-    def _resolve(
-        self, chunk: TransitionChunk, tail: _StreamTail | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Check every frame number a transition names; mark transitions we can store."""
-        obs, next_obs = chunk.obs, chunk.next_obs
-        end = chunk.first_frame + len(chunk.frames)
-        refs = np.concatenate([obs, next_obs], axis=1)
-        known = (refs == ZERO_FRAME) | ((refs >= chunk.first_frame) & (refs < end))
+    @staticmethod
+    def _known(refs: np.ndarray, chunk: TransitionChunk, tail: _StreamTail | None) -> np.ndarray:
+        """Which transitions name only frames we have: this chunk's, the tail's, or zero."""
+        known = (refs >= chunk.first_frame) & (refs < chunk.first_frame + len(chunk.frames))
+        known |= refs == ZERO_FRAME
         if tail is not None:
             known |= (refs >= tail.first_frame) & (refs < tail.first_frame + len(tail.slots))
-        return obs, next_obs, known.all(axis=1)
+        return known.all(axis=1)
 
     def _evict(self, count: int) -> None:
         """Drop the ``count`` oldest items and release the frames they alone held."""
         count = min(count, len(self))
         if count <= 0:
             return
-        items = np.arange(self.oldest_key, self.oldest_key + count) % self.capacity
-        self.tree.set(items, np.zeros(count))
-        slots = np.concatenate([self.obs_slots[items].ravel(), self.next_slots[items].ravel()])
+        runs = self._runs(self.oldest_key, count)
+        slots = np.concatenate([self.slots[s : s + n].ravel() for s, n in runs])
+        for start, length in runs:
+            self.tree.set_range(start, np.zeros(length))
         np.subtract.at(self._refcount, slots, 1)
         self._refcount[self._zero_slot] = 0
         self.oldest_key += count
@@ -231,7 +273,7 @@ class ReplayShard:
         self._refcount[slots] = -1  # marks "free"; an allocation sets it back to 0
 
     def _scaled(self, priorities: np.ndarray) -> np.ndarray:
-        return (np.abs(priorities.astype(np.float64)) + self.eps) ** self.alpha
+        return (np.abs(np.asarray(priorities, dtype=np.float64)) + self.eps) ** self.alpha
 
     # ------------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, beta: float) -> SampledBatch:
@@ -242,13 +284,37 @@ class ReplayShard:
         items = self.tree.sample(batch_size, self._rng)
         probs = self.tree.get(items) / total
         keys = self.oldest_key + (items - self.oldest_key) % self.capacity
+        return self._batch(items, keys, probs, importance_weights(probs, len(self), beta), total)
+
+    def lookup(self, keys: np.ndarray) -> SampledBatch:
+        """The transitions stored under live ``keys``, rebuilt exactly as ``sample`` does.
+
+        Weights are 1 and ``probs`` the probabilities ``sample`` would draw them with.
+        Raises ``KeyError`` if a key is not live (never stored, or evicted).
+        """
+        keys = np.asarray(keys, dtype=np.int64).ravel()
+        if np.any((keys < self.oldest_key) | (keys >= self.next_key)):
+            raise KeyError(f"keys outside the live range [{self.oldest_key}, {self.next_key})")
+        items = keys % self.capacity
+        total = self.tree.total
+        probs = self.tree.get(items) / total
+        return self._batch(items, keys, probs, np.ones(len(keys), dtype=np.float32), total)
+
+    def _batch(
+        self, items: np.ndarray, keys: np.ndarray, probs: np.ndarray, weights: np.ndarray,
+        total: float,
+    ) -> SampledBatch:  # fmt: skip
+        # One gather for both stacks, laid out (2, B, 4, 84, 84): obs and next_obs are
+        # each a contiguous half of it.
+        slots = self.slots[items].transpose(1, 0, 2).ravel()
+        stacks = np.take(self.frames, slots, axis=0).reshape(2, len(items), STACK, *FRAME_SHAPE)
         return SampledBatch(
-            obs=self.frames[self.obs_slots[items]],
+            obs=stacks[0],
             actions=self.actions[items].astype(np.int64),
             returns=self.returns[items],
             discounts=self.discounts[items],
-            next_obs=self.frames[self.next_slots[items]],
-            weights=importance_weights(probs, len(self), beta),
+            next_obs=stacks[1],
+            weights=weights,
             keys=keys,
             probs=probs,
             shard_size=len(self),

@@ -22,15 +22,20 @@ def greedy_accuracy(net: torch.nn.Module, samples: int = 256) -> float:
 
 
 def test_pipeline_learns_the_toy_game():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small batches: one thread is faster, and fair to neighbours
     cfg = Config(
-        network="dqn2013", dueling=True, n_step=3, gamma=0.9, batch_size=32, lr=5e-4,
+        network="dqn2013", dueling=True, n_step=3, gamma=0.9, batch_size=32, lr=1e-3,
         replay_capacity=10_000, replay_min_size=500, target_update_period=100,
         push_period=10, weight_sync_period=10, envs_per_actor=4, actor_lanes=2,
         epsilon_spread="env", priority_alpha=0.6,
     )  # fmt: skip
     env = ToyAtariVectorEnv(4, max_steps=20, seed=0, batch_size=2)
-    learner, actor = run_serial(cfg, env, num_actions=4, steps=600, updates_per_step=2)
-    assert learner.updates > 500
+    try:
+        learner, actor = run_serial(cfg, env, num_actions=4, steps=300, updates_per_step=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert learner.updates > 250
     assert actor.weights_version > 0  # the actor played with the learner's weights
     assert greedy_accuracy(learner.online) >= 0.95
     # The greedy actor (the env with the smallest epsilon) now scores near the maximum.

@@ -1,0 +1,439 @@
+"""Replay benchmark: memory, insert rate, sample and update latency, sharded throughput.
+
+    python -m benchmarks.replay            # capacity 200k, naive 20k, Ray shards of 50k
+    python -m benchmarks.replay --quick    # a small smoke run
+
+Chunks are made the way actors make them: ``NStepAccumulator`` over ``--streams`` actors of
+``--envs`` envs each, pushing every ``--push-period`` steps, episodes ending at random
+(geometric, mean ``--episode-steps`` steps), chunks of the streams interleaved. Frame
+*contents* come from a shared pool of random frames (they do not change any figure
+here), so making the chunks costs little and is not timed.
+
+Measured, on one shard in this process:
+
+* ``bytes_per_transition``: ``ReplayShard.nbytes / len`` on a full shard;
+* ``insert_per_s``: transitions stored per second by ``add`` into a full shard (each
+  chunk evicts the oldest items), and ``insert_fill_per_s`` for the first fill (it also
+  pays the first touch of every page of the frame pool);
+* ``sample512_ms`` and ``update512_ms``: median latency of ``sample(512)`` on a full shard
+  (contiguous uint8 obs and next_obs, actions, returns, discounts, weights, keys) and of
+  ``update_priorities`` for 512 sampled keys.
+
+Shared machines are noisy, so next to each wall-clock figure (which the targets are
+checked against) come the fastest call (``*_min_ms``) and the median CPU time of this
+process (``*_cpu_ms``, ``*_cpu_per_s``: the work itself, whatever else runs), and the
+1-minute load average when the run ended.
+
+The same figures for ``NaiveStackedReplay``, a straightforward buffer storing obs and
+next_obs stacks (2 x 4 x 84 x 84 uint8) per transition with the same sum tree, measured
+in the same run on the same chunks (with a smaller capacity: its bytes per transition do
+not depend on capacity), and the ratios.
+
+Then the learner's view over Ray: ``--ray-shards`` (default 1 and 2) ``ReplayShardWorker``
+processes (``num_cpus=0``, as ``train.py`` makes them), filled, sampled by
+``learner.pipeline.RaySampler`` with ``--prefetch`` requests in flight, a priority
+update sent back for every batch as the learner does; ``shards_S_samples_per_s`` is the
+transitions per second the driver receives. The driver only receives the batches (they
+are not copied further). On a machine of few cores the shards, the driver and Ray's own
+processes share them, which limits how far this grows with S: it reports what it
+measures, with the CPU count.
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from actors.nstep import NStepAccumulator
+from common.envs import FRAME_SHAPE, STACK
+from common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
+from replay.shard import ReplayShard, importance_weights
+from replay.sum_tree import SumTree
+
+BATCH = 512
+BETA = 0.4
+ALPHA = 0.6
+
+TARGETS = {
+    "bytes_per_transition": 7_500,  # at most
+    "insert_per_s": 20_000,  # at least
+    "sample512_ms": 10.0,  # at most
+    "update512_ms": 2.0,  # at most
+}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------- chunks
+def make_chunks(
+    transitions: int,
+    streams: int,
+    envs: int,
+    push_period: int,
+    episode_steps: float,
+    seed: int,
+    n: int = 3,
+    gamma: float = 0.99,
+) -> list[TransitionChunk]:
+    """Chunks as actors push them, interleaved across streams, ``transitions`` in all."""
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 256, (4096, *FRAME_SHAPE), dtype=np.uint8)
+    obs = np.zeros((envs, STACK, *FRAME_SHAPE), dtype=np.uint8)
+    accs = [NStepAccumulator(envs, n, gamma, stream, False) for stream in range(streams)]
+    for acc in accs:
+        acc.start(obs)
+    no = np.zeros(envs, dtype=bool)
+    chunks: list[TransitionChunk] = []
+    total, step = 0, 0
+    while total < transitions:
+        step += 1
+        for acc in accs:
+            q = rng.normal(size=envs).astype(np.float32)
+            acc.bootstrap(q)
+            acc.record(rng.integers(0, 6, envs), q + rng.normal(size=envs).astype(np.float32))
+            ended = rng.random(envs) < 1.0 / episode_steps
+            rewards = (rng.random(envs) < 0.1).astype(np.float64)
+            acc.observe(obs, rewards, ended, no, no)
+            if step % push_period == 0:
+                chunk = acc.flush()
+                start = int(rng.integers(0, len(pool) - len(chunk.frames) + 1))
+                chunk.frames = pool[start : start + len(chunk.frames)]
+                chunks.append(chunk)
+                total += len(chunk)
+    return chunks
+
+
+# ------------------------------------------------------------------------- baseline
+class NaiveStackedReplay:
+    """Baseline: obs and next_obs stacks stored whole per transition (56,448 B of frames).
+
+    The layout of Stable-Baselines3's default replay buffer, with ours' sum tree and key
+    scheme, so that only the storage differs. Stacks are rebuilt from a chunk's frame
+    numbers when it arrives (from the chunk's frames and the stream's previous tail).
+    """
+
+    def __init__(self, capacity: int, alpha: float = ALPHA, seed: int = 0, eps: float = 1e-6):
+        self.capacity, self.alpha, self.eps = capacity, alpha, eps
+        self.obs = np.zeros((capacity, STACK, *FRAME_SHAPE), dtype=np.uint8)
+        self.next_obs = np.zeros((capacity, STACK, *FRAME_SHAPE), dtype=np.uint8)
+        self.actions = np.zeros(capacity, dtype=np.uint8)
+        self.returns = np.zeros(capacity, dtype=np.float32)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
+        self.tree = SumTree(capacity)
+        self.oldest_key = self.next_key = 0
+        self._tails: dict[int, tuple[int, np.ndarray]] = {}
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.next_key - self.oldest_key
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.obs, self.next_obs, self.actions, self.returns, self.discounts)
+        tails = sum(frames.nbytes for _, frames in self._tails.values())
+        return sum(a.nbytes for a in arrays) + self.tree.nbytes + tails
+
+    def add(self, chunk: TransitionChunk) -> int:
+        tail_first, tail = self._tails.get(
+            chunk.stream, (chunk.first_frame, np.zeros((0, *FRAME_SHAPE), np.uint8))
+        )
+        if tail_first + len(tail) != chunk.first_frame:
+            tail_first, tail = chunk.first_frame, tail[:0]
+        zero = np.zeros((1, *FRAME_SHAPE), dtype=np.uint8)
+        table = np.concatenate([tail, chunk.frames, zero])
+        refs = np.concatenate([chunk.obs, chunk.next_obs], axis=1)
+        index = np.where(refs == ZERO_FRAME, len(table) - 1, refs - tail_first)
+        inside = (index >= 0) & (index < len(table) - 1)
+        valid = (inside | (refs == ZERO_FRAME)).all(axis=1)
+        index = index[valid]
+        count = len(index)
+        evict = len(self) + count - self.capacity
+        if evict > 0:
+            self.tree.set((self.oldest_key + np.arange(evict)) % self.capacity, np.zeros(evict))
+            self.oldest_key += evict
+        items = (self.next_key + np.arange(count)) % self.capacity
+        self.obs[items] = table[index[:, :STACK]]
+        self.next_obs[items] = table[index[:, STACK:]]
+        self.actions[items] = chunk.actions[valid]
+        self.returns[items] = chunk.returns[valid]
+        self.discounts[items] = chunk.discounts[valid]
+        priorities = (np.abs(chunk.priorities[valid].astype(np.float64)) + self.eps) ** self.alpha
+        self.tree.set(items, priorities)
+        self.next_key += count
+        keep = min(chunk.tail, len(table) - 1)
+        self._tails[chunk.stream] = (
+            tail_first + len(table) - 1 - keep,
+            table[len(table) - 1 - keep : len(table) - 1].copy(),
+        )
+        return count
+
+    def sample(self, batch_size: int, beta: float) -> SampledBatch:
+        total = self.tree.total
+        items = self.tree.sample(batch_size, self._rng)
+        probs = self.tree.get(items) / total
+        return SampledBatch(
+            obs=self.obs[items],
+            actions=self.actions[items].astype(np.int64),
+            returns=self.returns[items],
+            discounts=self.discounts[items],
+            next_obs=self.next_obs[items],
+            weights=importance_weights(probs, len(self), beta),
+            keys=self.oldest_key + (items - self.oldest_key) % self.capacity,
+            probs=probs,
+            shard_size=len(self),
+            shard_total=total,
+        )
+
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
+        keys = np.asarray(keys, dtype=np.int64)
+        live = (keys >= self.oldest_key) & (keys < self.next_key)
+        scaled = (np.abs(np.asarray(priorities, dtype=np.float64)[live]) + self.eps) ** self.alpha
+        self.tree.set(keys[live] % self.capacity, scaled)
+        return int(live.sum())
+
+
+# ------------------------------------------------------------------- measurements
+def latency_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time, fastest wall time and median CPU time (this process) of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return {
+        "ms": float(np.median(wall) * 1e3),
+        "min_ms": float(np.min(wall) * 1e3),
+        "cpu_ms": float(np.median(cpu) * 1e3),
+    }
+
+
+def insert_rate(buffer, chunks: list[TransitionChunk]) -> tuple[int, float, float]:
+    """Transitions stored, per wall second and per CPU second of this process."""
+    stored = 0
+    w0, c0 = time.perf_counter(), time.process_time()
+    for chunk in chunks:
+        stored += buffer.add(chunk)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return stored, stored / wall, stored / max(cpu, 1e-9)
+
+
+def measure_buffer(buffer, chunks: list[TransitionChunk], capacity: int, reps: int, seed: int):
+    """Fill ``buffer`` to capacity, keep inserting into it full, then time sample/update."""
+    # The chunks that fill it, then the rest: inserted into a full buffer, each chunk
+    # evicting as many items as it stores.
+    total, split = 0, len(chunks)
+    for i, chunk in enumerate(chunks):
+        total += len(chunk)
+        if total >= capacity:
+            split = i + 1
+            break
+    if split >= len(chunks):
+        raise RuntimeError("not enough chunks to fill the buffer and insert more; make more")
+    _, fill_rate, fill_cpu_rate = insert_rate(buffer, chunks[:split])
+    if len(buffer) < capacity:
+        raise RuntimeError(f"filled to {len(buffer)} of {capacity}: frame slots ran short")
+    _, steady_rate, steady_cpu_rate = insert_rate(buffer, chunks[split:])
+    assert len(buffer) == capacity, (len(buffer), capacity)
+
+    rng = np.random.default_rng(seed)
+    sample = latency_ms(lambda: buffer.sample(BATCH, BETA), reps)
+    batch = buffer.sample(BATCH, BETA)
+    assert batch.obs.flags.c_contiguous and batch.next_obs.flags.c_contiguous
+    assert batch.obs.dtype == np.uint8 and batch.obs.shape == (BATCH, STACK, *FRAME_SHAPE)
+    keys = batch.keys
+    update = latency_ms(lambda: buffer.update_priorities(keys, rng.random(BATCH) * 2), reps)
+    return {
+        "bytes_per_transition": buffer.nbytes / len(buffer),
+        "insert_per_s": steady_rate,
+        "insert_cpu_per_s": steady_cpu_rate,
+        "insert_fill_per_s": fill_rate,
+        "insert_fill_cpu_per_s": fill_cpu_rate,
+        "sample512_ms": sample["ms"],
+        "sample512_min_ms": sample["min_ms"],
+        "sample512_cpu_ms": sample["cpu_ms"],
+        "update512_ms": update["ms"],
+        "update512_min_ms": update["min_ms"],
+        "update512_cpu_ms": update["cpu_ms"],
+    }
+
+
+def measure_ray(chunks, capacity: int, shard_counts: list[int], prefetch: int, seconds: float):
+    """Samples/s the learner's RaySampler receives from S shard processes, S in shard_counts."""
+    import ray
+
+    from learner.pipeline import RaySampler
+    from replay.worker import ReplayShardWorker
+
+    # "local": a Ray of our own, never a cluster someone else on this machine started.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        shards = [
+            ReplayShardWorker.options(num_cpus=0).remote(capacity, ALPHA, seed=i)
+            for i in range(max(shard_counts))
+        ]
+        # Every shard gets the same chunks, each put in the object store once.
+        needed, total = [], 0
+        for chunk in chunks:
+            needed.append(chunk)
+            total += len(chunk)
+            if total >= capacity:
+                break
+        t0 = time.perf_counter()
+        pending = []
+        for chunk in needed:
+            ref = ray.put(chunk)
+            pending += [shard.add.remote(ref) for shard in shards]
+            if len(pending) > 8 * len(shards):
+                ray.get(pending)
+                pending = []
+        ray.get(pending)
+        sizes = [s["size"] for s in ray.get([shard.stats.remote() for shard in shards])]
+        log(f"  ray: {len(shards)} shards filled to {sizes} in {time.perf_counter() - t0:.1f}s")
+        results = {}
+        for count in shard_counts:
+            sampler = RaySampler(shards[:count], BATCH, prefetch=prefetch, seed=count)
+            rng = np.random.default_rng(count)
+
+            def run(duration: float, sampler=sampler, rng=rng) -> int:
+                got, end = 0, time.perf_counter() + duration
+                while time.perf_counter() < end:
+                    drawn = sampler.draw(BETA, timeout=5.0)
+                    if drawn is None:
+                        continue
+                    sampler.update_priorities(drawn.shard, drawn.batch.keys, rng.random(BATCH))
+                    got += len(drawn.batch)
+                return got
+
+            run(min(2.0, seconds / 4))  # warm up: workers, object store, first pages
+            t0 = time.perf_counter()
+            got = run(seconds)
+            rate = got / (time.perf_counter() - t0)
+            results[count] = rate
+            log(f"  ray: {count} shard(s): {rate:,.0f} samples/s ({rate / BATCH:.1f} batches/s)")
+            del sampler  # its requests still in flight finish during the next warm-up
+        return results
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small capacities, short runs")
+    parser.add_argument("--capacity", type=int, default=200_000, help="our shard's capacity")
+    parser.add_argument("--naive-capacity", type=int, default=20_000)
+    parser.add_argument("--ray-capacity", type=int, default=50_000, help="per Ray shard")
+    parser.add_argument("--ray-shards", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--ray-seconds", type=float, default=8.0)
+    parser.add_argument("--prefetch", type=int, default=4, help="sample requests in flight")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray measurement")
+    parser.add_argument("--streams", type=int, default=4, help="actors pushing, interleaved")
+    parser.add_argument("--envs", type=int, default=8, help="envs per actor")
+    parser.add_argument("--push-period", type=int, default=50, help="actor steps per chunk")
+    parser.add_argument("--episode-steps", type=float, default=500.0, help="mean length")
+    parser.add_argument("--reps", type=int, default=50, help="timed sample/update calls")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.capacity, args.naive_capacity, args.ray_capacity = 20_000, 4_000, 8_000
+        args.ray_seconds, args.reps = 3.0, 20
+
+    # Enough chunks to fill each buffer and then insert a quarter more into it full.
+    need = int(max(args.capacity, args.naive_capacity, args.ray_capacity) * 1.25) + 2_000
+    t0 = time.perf_counter()
+    chunks = make_chunks(
+        need, args.streams, args.envs, args.push_period, args.episode_steps, args.seed
+    )
+    log(f"made {len(chunks)} chunks, {sum(len(c) for c in chunks):,} transitions "
+        f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+
+    def enough(capacity: int) -> list[TransitionChunk]:
+        out, total = [], 0
+        for chunk in chunks:
+            out.append(chunk)
+            total += len(chunk)
+            if total >= capacity * 1.25:
+                break
+        return out
+
+    shard = ReplayShard(args.capacity, ALPHA, seed=args.seed)
+    ours = measure_buffer(shard, enough(args.capacity), args.capacity, args.reps, args.seed)
+    stats = shard.stats()
+    frames_per_transition = stats["frames_used"] / len(shard)
+    log(f"ours  (capacity {args.capacity:,}): {json.dumps(_rounded(ours))}")
+    del shard
+    gc.collect()
+
+    naive_buffer = NaiveStackedReplay(args.naive_capacity, ALPHA, seed=args.seed)
+    naive = measure_buffer(
+        naive_buffer, enough(args.naive_capacity), args.naive_capacity, args.reps, args.seed
+    )
+    log(f"naive (capacity {args.naive_capacity:,}): {json.dumps(_rounded(naive))}")
+    del naive_buffer
+    gc.collect()
+
+    result: dict = dict(ours)
+    result.update({f"naive_{k}": v for k, v in naive.items()})
+    result.update(
+        {
+            "memory_ratio_naive_over_ours": naive["bytes_per_transition"]
+            / ours["bytes_per_transition"],
+            "insert_ratio_ours_over_naive": ours["insert_per_s"] / naive["insert_per_s"],
+            "sample_ratio_naive_over_ours": naive["sample512_ms"] / ours["sample512_ms"],
+            "update_ratio_naive_over_ours": naive["update512_ms"] / ours["update512_ms"],
+        }
+    )
+    if not args.no_ray:
+        rates = measure_ray(
+            enough(args.ray_capacity), args.ray_capacity, args.ray_shards, args.prefetch,
+            args.ray_seconds,
+        )  # fmt: skip
+        for count, rate in rates.items():
+            result[f"shards_{count}_samples_per_s"] = rate
+        if 1 in rates and 2 in rates:
+            result["shards_2_over_1"] = rates[2] / rates[1]
+    result["meets_targets"] = {
+        "bytes_per_transition": ours["bytes_per_transition"] <= TARGETS["bytes_per_transition"],
+        "insert_per_s": ours["insert_per_s"] >= TARGETS["insert_per_s"],
+        "sample512_ms": ours["sample512_ms"] <= TARGETS["sample512_ms"],
+        "update512_ms": ours["update512_ms"] <= TARGETS["update512_ms"],
+    }
+    result.update(
+        {
+            "capacity": args.capacity,
+            "naive_capacity": args.naive_capacity,
+            "ray_capacity_per_shard": args.ray_capacity,
+            "frames_per_transition": frames_per_transition,
+            "dropped": stats["dropped"],
+            "streams": args.streams,
+            "envs_per_stream": args.envs,
+            "push_period": args.push_period,
+            "mean_episode_steps": args.episode_steps,
+            "prefetch": args.prefetch,
+            "cpus": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0],
+            "quick": args.quick,
+        }
+    )
+    print(json.dumps(_rounded(result)), flush=True)
+    return result
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""The replay shard: exact stacks, prioritized sampling, FIFO eviction, frame accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import replay.shard as shard_module
+from common.envs import FRAME_SHAPE, STACK
+from common.messages import ZERO_FRAME, TransitionChunk
+from replay.shard import ReplayShard
+from tests.replay.recorder import RecordedStream, check_shard, live_keys, zero_padding
+
+# Upper 0.1% point of the chi-square distribution with 19 degrees of freedom
+# (scipy.stats.chi2.ppf(0.999, 19)).
+CHI2_999_DF19 = 43.820
+
+
+def check_invariants(shard: ReplayShard) -> None:
+    """Reference counts are exact, no slot leaks, the tree holds only live items' mass."""
+    items = live_keys(shard) % shard.capacity
+    tails = [t.slots for t in shard._tails.values()]
+    refs = np.concatenate([shard.slots[items].ravel(), *tails])
+    want = np.bincount(refs, minlength=shard.frame_capacity + 1)
+    want[shard._zero_slot] = 0
+    have = np.maximum(shard._refcount, 0)
+    assert np.array_equal(have, want), "reference counts differ from the references"
+    # A slot is in use exactly when something references it, and free exactly once.
+    free = shard._free[: shard._num_free]
+    assert len(np.unique(free)) == len(free)
+    assert set(free.tolist()) == set(np.flatnonzero(shard._refcount == -1).tolist())
+    assert shard.frames_used == int((want > 0).sum())
+    # Tree mass: live items only.
+    dead = np.ones(shard.capacity, dtype=bool)
+    dead[items] = False
+    assert not shard.tree.get(np.flatnonzero(dead)).any()
+    live_mass = shard.tree.get(items).sum()
+    assert shard.total_priority == pytest.approx(live_mass, rel=1e-9, abs=1e-12)
+
+
+def synthetic_chunk(
+    stream: int, first_frame: int, priorities: np.ndarray, rng: np.random.Generator
+) -> TransitionChunk:
+    """One frame per transition, each a one-frame episode: obs [0,0,0,f], next [0,0,f,f+1]."""
+    t = len(priorities)
+    frames = rng.integers(0, 256, (t + 1, *FRAME_SHAPE), dtype=np.uint8)
+    f = first_frame + np.arange(t)
+    z = np.full(t, ZERO_FRAME)
+    return TransitionChunk(
+        stream=stream,
+        first_frame=first_frame,
+        frames=frames,
+        tail=0,
+        obs=np.stack([z, z, z, f], axis=1),
+        next_obs=np.stack([z, z, f, f + 1], axis=1),
+        actions=rng.integers(0, 6, t).astype(np.uint8),
+        returns=rng.random(t).astype(np.float32),
+        discounts=np.full(t, 0.99**3, dtype=np.float32),
+        priorities=np.asarray(priorities, dtype=np.float32),
+    )
+
+
+def run_streams(shard, streams, steps, check_every=1):
+    """Step the streams in turn; push into the shard; check everything after each push.
+
+    Returns ``emitted`` (key -> (stream, recorder, env, step)) and what was checked.
+    """
+    emitted, checked, pushes = [], [], 0
+    for _ in range(steps):
+        for rec in streams:
+            before = len(rec.emitted)
+            chunk = rec.step()
+            if chunk is None:
+                continue
+            assert shard.add(chunk) == len(chunk)
+            emitted.extend((chunk.stream, rec, e, s) for e, s in rec.emitted[before:])
+            pushes += 1
+            if pushes % check_every == 0:
+                check_invariants(shard)
+                checked.extend(check_shard(shard, emitted))
+    assert shard.dropped == 0
+    return emitted, checked
+
+
+# ----------------------------------------------------------------- the stacks, exactly
+CASES = {
+    # Episodes of 1..6 steps, chunks shorter than their tail, tight frame pool.
+    "short-episodes": dict(
+        streams=3,
+        num_envs=4,
+        n=3,
+        push_period=2,
+        steps=150,
+        capacity=150,
+        frame_capacity=170,
+        env=dict(max_steps=6, terminate_prob=0.2, life_loss_prob=0.0),
+    ),
+    # Longer episodes, lost lives cut the return, several pushes per episode.
+    "lives": dict(
+        streams=2,
+        num_envs=3,
+        n=3,
+        push_period=7,
+        steps=250,
+        capacity=200,
+        frame_capacity=None,
+        terminal_on_life_loss=True,
+        env=dict(max_steps=30, terminate_prob=0.03, life_loss_prob=0.06),
+    ),
+    # n = 5 and a push every step: the tail spans many chunks.
+    "n5-push1": dict(
+        streams=2,
+        num_envs=2,
+        n=5,
+        push_period=1,
+        steps=200,
+        capacity=90,
+        frame_capacity=None,
+        check_every=4,
+        env=dict(max_steps=8, terminate_prob=0.15, life_loss_prob=0.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rebuilt_stacks_equal_what_the_actor_saw(name):
+    case = CASES[name]
+    streams = []
+    for i in range(case["streams"]):
+        streams.append(
+            RecordedStream(
+                stream=1000 + i,
+                num_envs=case["num_envs"],
+                n=case["n"],
+                push_period=case["push_period"],
+                seed=7 * i + len(name),
+                terminal_on_life_loss=case.get("terminal_on_life_loss", False),
+                **case["env"],
+            )
+        )
+    shard = ReplayShard(case["capacity"], frame_capacity=case["frame_capacity"], seed=1)
+    emitted, checked = run_streams(shard, streams, case["steps"], case.get("check_every", 1))
+
+    # It wrapped many times, and every transition ever pushed was stored.
+    assert len(emitted) > 5 * case["capacity"]
+    assert shard.next_key == len(emitted) and shard.oldest_key > 4 * case["capacity"]
+    # The stacks checked crossed episode starts at every position, in obs and next_obs,
+    # and windows ended in every way.
+    assert {zero_padding(want.obs) for want, _ in checked} == {0, 1, 2, 3}
+    assert {zero_padding(want.next_obs) for want, _ in checked} == {0, 1, 2}
+    ends = {want.end for want, _ in checked}
+    assert {"terminal", "truncated", ""} <= ends
+    if case.get("terminal_on_life_loss"):
+        assert "life" in ends
+    lengths = set()
+    for rec in streams:
+        for e in range(rec.k):
+            episode = np.asarray(rec.episode[e])
+            lengths |= set(np.bincount(episode)[:-1] - 1)  # last episode may be unfinished
+    if name == "short-episodes":
+        assert lengths == {1, 2, 3, 4, 5, 6}
+
+
+def test_a_stack_never_mixes_two_episodes():
+    rec = RecordedStream(
+        stream=5,
+        num_envs=4,
+        push_period=3,
+        seed=11,
+        max_steps=5,
+        terminate_prob=0.3,
+        life_loss_prob=0.0,
+    )
+    shard = ReplayShard(400)
+    for _ in range(120):
+        chunk = rec.step()
+        if chunk is not None:
+            shard.add(chunk)
+    owner = {}  # the (env, episode) of every frame, by its bytes
+    for e in range(rec.k):
+        for s, stack in enumerate(rec.stacks[e]):
+            owner[stack[-1].tobytes()] = (e, rec.episode[e][s])
+    batch = shard.lookup(live_keys(shard))
+    mixed_checked = 0
+    for stacks in (batch.obs, batch.next_obs):
+        for stack in stacks:
+            pad = zero_padding(stack)
+            episodes = {owner[frame.tobytes()] for frame in stack[pad:]}
+            assert len(episodes) == 1
+            mixed_checked += pad > 0
+    assert mixed_checked > 50  # many stacks did start inside an episode's first steps
+
+
+# ------------------------------------------------------------- n-step ends, in replay
+@pytest.fixture(scope="module")
+def short_run():
+    rec = RecordedStream(
+        stream=9,
+        num_envs=4,
+        push_period=4,
+        seed=3,
+        max_steps=7,
+        terminate_prob=0.15,
+        life_loss_prob=0.0,
+    )
+    shard = ReplayShard(2000)
+    emitted, _ = run_streams(shard, [rec], 150, check_every=10)
+    batch = shard.lookup(live_keys(shard))
+    return rec, shard, emitted, batch
+
+
+def test_next_observation_at_a_terminal_has_discount_zero(short_run):
+    rec, shard, emitted, batch = short_run
+    seen = 0
+    for i, key in enumerate(live_keys(shard).tolist()):
+        _, _, e, s = emitted[key]
+        want = rec.expected(e, s)
+        if want.end == "terminal":
+            assert rec.terminated[e][s + want.h] and rec.final[e][s + want.h]
+            assert np.array_equal(batch.next_obs[i], rec.stacks[e][s + want.h])
+            assert batch.discounts[i] == 0.0
+            seen += 1
+    assert seen > 20
+
+
+def test_truncated_episodes_still_bootstrap(short_run):
+    rec, shard, emitted, batch = short_run
+    by_h = {1: 0, 2: 0, 3: 0}
+    for i, key in enumerate(live_keys(shard).tolist()):
+        _, _, e, s = emitted[key]
+        want = rec.expected(e, s)
+        if want.end == "truncated":
+            assert rec.truncated[e][s + want.h] and not rec.terminated[e][s + want.h]
+            assert np.array_equal(batch.next_obs[i], rec.stacks[e][s + want.h])
+            assert batch.discounts[i] == np.float32(0.99**want.h)
+            by_h[want.h] += 1
+    assert all(count > 0 for count in by_h.values()), by_h
+
+
+# ------------------------------------------------------------------------- sampling
+def test_sampling_frequencies_match_priorities():
+    rng = np.random.default_rng(0)
+    priorities = rng.uniform(0.05, 3.0, 20)
+    shard = ReplayShard(20, alpha=0.6, seed=123)
+    shard.add(synthetic_chunk(1, 0, priorities, rng))
+    batch, rounds = 100, 400
+    counts = np.zeros(20)
+    for _ in range(rounds):
+        b = shard.sample(batch, beta=0.4)
+        counts += np.bincount(b.keys, minlength=20)
+    scaled = (priorities.astype(np.float32).astype(np.float64) + 1e-6) ** 0.6
+    expected = scaled / scaled.sum() * batch * rounds
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < CHI2_999_DF19
+    # And the uniform distribution, a wrong answer, is far outside it.
+    uniform = np.full(20, batch * rounds / 20)
+    assert ((counts - uniform) ** 2 / uniform).sum() > 10 * CHI2_999_DF19
+
+
+def test_importance_weights_and_probabilities():
+    rng = np.random.default_rng(1)
+    priorities = rng.uniform(0.0, 2.0, 300)
+    shard = ReplayShard(1000, alpha=0.7, seed=5)
+    for part in range(3):
+        shard.add(synthetic_chunk(1, part * 1000, priorities[part * 100 : part * 100 + 100], rng))
+    scaled = (priorities.astype(np.float32).astype(np.float64) + 1e-6) ** 0.7
+    prob = scaled / scaled.sum()
+    for beta in (0.4, 1.0):
+        b = shard.sample(256, beta)
+        assert np.allclose(b.probs, prob[b.keys], rtol=1e-12)
+        want = (300 * prob[b.keys]) ** -beta
+        assert np.allclose(b.weights, want / want.max(), rtol=1e-6)
+        assert b.weights.max() == 1.0 and b.shard_size == 300
+        assert b.shard_total == pytest.approx(scaled.sum(), rel=1e-12)
+
+
+def test_sample_returns_contiguous_uint8_batches():
+    rng = np.random.default_rng(2)
+    shard = ReplayShard(64)
+    chunk = synthetic_chunk(1, 0, rng.random(50), rng)
+    shard.add(chunk)
+    b = shard.sample(32, 0.5)
+    for stacks in (b.obs, b.next_obs):
+        assert stacks.shape == (32, STACK, *FRAME_SHAPE) and stacks.dtype == np.uint8
+        assert stacks.flags.c_contiguous
+    assert b.actions.dtype == np.int64 and b.keys.dtype == np.int64
+    # Rebuilt from the chunk's frames: obs [0,0,0,f_i], next [0,0,f_i,f_i+1].
+    i = b.keys
+    assert np.array_equal(b.obs[:, 3], chunk.frames[i]) and not b.obs[:, :3].any()
+    assert np.array_equal(b.next_obs[:, 2], chunk.frames[i])
+    assert np.array_equal(b.next_obs[:, 3], chunk.frames[i + 1])
+    assert np.array_equal(b.actions, chunk.actions[i])
+    with pytest.raises(ValueError):
+        ReplayShard(8).sample(4, 0.4)
+
+
+# ------------------------------------------------------------------ eviction, updates
+def test_eviction_is_fifo_and_removes_tree_mass():
+    rng = np.random.default_rng(3)
+    shard = ReplayShard(50, alpha=0.5)
+    reference: dict[int, float] = {}
+    frame = 0
+    for _ in range(25):
+        p = rng.uniform(0, 5, int(rng.integers(1, 14)))
+        first_key = shard.next_key
+        shard.add(synthetic_chunk(2, frame, p, rng))
+        frame += len(p) + 1
+        for j, value in enumerate(p.astype(np.float32)):
+            reference[first_key + j] = (float(value) + 1e-6) ** 0.5
+        stored = len(reference)
+        assert len(shard) == min(stored, 50)
+        assert shard.oldest_key == stored - len(shard)  # the oldest went first
+        live = live_keys(shard)
+        assert shard.total_priority == pytest.approx(
+            sum(reference[k] for k in live.tolist()), rel=1e-12
+        )
+        check_invariants(shard)
+    assert shard.oldest_key > 100
+
+
+def test_update_for_an_evicted_key_changes_nothing():
+    rng = np.random.default_rng(4)
+    shard = ReplayShard(40)
+    for part in range(5):
+        shard.add(synthetic_chunk(3, part * 100, rng.random(30), rng))
+    assert shard.oldest_key == 110
+    nodes = shard.tree._nodes.copy()
+    # 100 and 109 were evicted, and their item slots (20, 29) now hold live keys 140, 149.
+    evicted = np.array([0, 5, 100, 109, 150, 10**9])
+    assert shard.update_priorities(evicted, np.full(6, 100.0)) == 0
+    assert np.array_equal(shard.tree._nodes, nodes)
+    # A live key does change.
+    assert shard.update_priorities(np.array([140, 140]), np.array([7.0, 3.0])) == 2
+    assert shard.tree.get(np.array([140 % 40]))[0] == pytest.approx((3.0 + 1e-6) ** 0.6)
+    check_invariants(shard)
+
+
+# --------------------------------------------------------------------- frame slots
+def test_frame_slots_never_leak_with_many_streams(monkeypatch):
+    monkeypatch.setattr(shard_module, "STREAM_TIMEOUT_CHUNKS", 40)
+    shard = ReplayShard(120, frame_capacity=400)
+    rng = np.random.default_rng(5)
+    alive, next_stream, pushes = [], 0, 0
+    for _ in range(500):
+        # Streams come and go: an actor restarted is a new stream; its old one goes silent.
+        if len(alive) < 4 or rng.random() < 0.02:
+            alive.append(
+                RecordedStream(
+                    stream=next_stream,
+                    num_envs=2,
+                    push_period=3,
+                    seed=next_stream,
+                    max_steps=12,
+                    terminate_prob=0.1,
+                    life_loss_prob=0.0,
+                )
+            )
+            next_stream += 1
+        if rng.random() < 0.02:
+            alive.pop(int(rng.integers(len(alive))))
+        for rec in alive:
+            chunk = rec.step()
+            if chunk is not None:
+                shard.add(chunk)
+                pushes += 1
+                check_invariants(shard)
+                assert shard.frames_used <= shard.frame_capacity
+    assert next_stream > 10
+    # Silent streams were let go: only streams heard from in the last 40 chunks remain.
+    assert len(shard._tails) <= len(alive) + 40
+    assert all(t.last_chunk >= shard.chunks - 40 for t in shard._tails.values())
+    # Drain: with every item evicted and every stream forgotten, no frame is in use.
+    shard._evict(len(shard))
+    while shard._tails:
+        shard._forget_oldest_stream()
+    assert shard.frames_used == 0 and shard.total_priority == 0.0
+    check_invariants(shard)
+
+
+def test_unknown_previous_chunk_drops_only_what_it_cannot_rebuild():
+    rec = RecordedStream(
+        stream=77,
+        num_envs=3,
+        push_period=12,
+        seed=21,
+        max_steps=20,
+        terminate_prob=0.05,
+        life_loss_prob=0.0,
+    )
+    chunks = []
+    while len(chunks) < 4:
+        before = len(rec.emitted)
+        chunk = rec.step()
+        if chunk is not None:
+            chunks.append((chunk, rec.emitted[before:]))
+    # A fresh shard (restarted) sees the stream from its second chunk on.
+    shard = ReplayShard(500)
+    emitted = []
+    chunk, rows = chunks[1]
+    refs = np.concatenate([chunk.obs, chunk.next_obs], axis=1)
+    missing = ((refs < chunk.first_frame) & (refs != ZERO_FRAME)).any(axis=1)
+    assert 0 < missing.sum() < len(chunk)
+    assert shard.add(chunk) == len(chunk) - missing.sum()
+    assert shard.dropped == missing.sum()
+    emitted.extend((77, rec, e, s) for (e, s), m in zip(rows, missing, strict=True) if not m)
+    for chunk, rows in chunks[2:]:  # from then on the tail is known: nothing is lost
+        assert shard.add(chunk) == len(chunk)
+        emitted.extend((77, rec, e, s) for e, s in rows)
+    assert shard.dropped == missing.sum()
+    assert len(check_shard(shard, emitted)) == len(shard)
+    check_invariants(shard)
+
+
+def test_oversized_chunks_are_refused_without_side_effects():
+    rng = np.random.default_rng(6)
+    shard = ReplayShard(10)
+    shard.add(synthetic_chunk(1, 0, rng.random(5), rng))
+    before = shard.stats()
+    with pytest.raises(ValueError):
+        shard.add(synthetic_chunk(1, 10, rng.random(11), rng))
+    with pytest.raises(ValueError):
+        shard.add(synthetic_chunk(2, 0, rng.random(shard.frame_capacity), rng))
+    assert shard.stats() == before
+    check_invariants(shard)
+    with pytest.raises(KeyError):
+        shard.lookup(np.array([5]))
