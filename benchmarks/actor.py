@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         envs_per_actor=args.envs, actor_threads=args.threads, actor_lanes=args.lanes,
         network=args.network, dueling=not args.no_dueling, actor_precision=args.precision,
     )  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         raw = _raw(cfg, args.envs, args.threads, args.seconds)
         actor = _actor(cfg, args.seconds)

@@ -76,7 +76,7 @@ def _shards(args, cfg: Config):
     from learner.pipeline import RaySampler
     from replay.worker import ReplayShardWorker
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     shards = [ReplayShardWorker.options(num_cpus=0).remote(per_shard, seed=i)
               for i in range(args.shards)]  # fmt: skip
     refs = []

@@ -1,0 +1,232 @@
+"""``python train.py`` end to end: real Ray, the real Space Invaders ROM, a tiny config.
+
+One short run is shared by most tests (learning, weights reaching the actors, target
+updates, replay fed by every actor, TensorBoard tags, the checkpoint); then a resume of
+it, and a separate run stopped with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common import checkpoint
+from common.networks import build_network
+
+pytestmark = [pytest.mark.ray, pytest.mark.rom]
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_ACTORS = SHARDS = 2
+TARGET_PERIOD = 20
+TINY = [
+    "--num-actors", str(NUM_ACTORS), "--envs-per-actor", "2",
+    "--replay-shards", str(SHARDS), "--replay-capacity", "20000", "--replay-min-size", "500",
+    "--batch-size", "16", "--network", "dqn2013", "--target-update-period", str(TARGET_PERIOD),
+    "--publish-period", "5", "--weight-sync-period", "20", "--push-period", "20",
+    "--log-interval-s", "3", "--seed", "0",
+]  # fmt: skip
+FIRST_FRAMES = 24_000
+RESUMED_FRAMES = 40_000
+TAGS = (
+    "charts/episodic_return", "charts/episodic_length", "losses/td_loss", "losses/q_values",
+    "charts/env_frames_per_s", "charts/updates_per_s", "replay/size",
+    "charts/weight_version_lag",
+)  # fmt: skip
+
+
+def _keep_sigint() -> None:
+    # A shell's background jobs start with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give train.py the default disposition, as a terminal does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class Train:
+    """``python train.py ARGS`` in its own process group, output collected line by line."""
+
+    def __init__(self, *args: str):
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "train.py", *TINY, *args], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_keep_sigint,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-40:]))
+
+    def wait(self, timeout: float = 240) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self._reader.join(timeout=10)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _event_files(logdir: Path) -> list[Path]:
+    """TensorBoard event files, oldest run first (the name holds the creation time)."""
+    files = list(logdir.glob("events.out.tfevents.*"))
+    return sorted(files, key=lambda p: int(p.name.split(".")[3]))
+
+
+def _scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """A run to ``FIRST_FRAMES`` frames: its directory, output, newest checkpoint, scalars."""
+    logdir = tmp_path_factory.mktemp("run")
+    run = Train("--total-frames", str(FIRST_FRAMES), "--logdir", str(logdir))
+    code = run.wait()
+    assert code == 0, run.output[-4000:]
+    (events,) = _event_files(logdir)
+    return logdir, run.output, checkpoint.load(logdir), _scalars(events)
+
+
+def test_run_reaches_its_frames_and_checkpoints(first_run):
+    logdir, output, saved, _ = first_run
+    assert "reached" in output and "Traceback" not in output
+    assert len(checkpoint.list_checkpoints(logdir)) == 1
+    counters, learner = saved["counters"], saved["learner"]
+    assert counters["env_frames"] >= FIRST_FRAMES
+    assert counters["episodes"] > 0 and np.isfinite(counters["best_score"])
+    assert saved["path"].endswith(f"checkpoint-{learner['updates']:010d}.pt")
+    assert saved["config"]["num_actors"] == NUM_ACTORS
+
+
+def test_learner_updated_and_its_target_moved(first_run):
+    _, _, saved, _ = first_run
+    learner = saved["learner"]
+    assert learner["updates"] >= 2 * TARGET_PERIOD
+    # Adam's step count equals the learner's: every update went through the optimizer.
+    steps = {int(s["step"]) for s in learner["optimizer"]["state"].values()}
+    assert steps == {learner["updates"]}
+    torch.manual_seed(0)  # the learner builds its initial networks after seeding with --seed
+    initial = build_network(6, "dqn2013", dueling=True).state_dict()
+    assert _differs(learner["online"], initial)
+    assert _differs(learner["target"], initial), "the target network was never updated"
+    # A checkpoint is taken between updates; the target is a copy of the online network
+    # made every TARGET_PERIOD updates, so the two are equal exactly at those counts.
+    synced = learner["updates"] % TARGET_PERIOD == 0
+    assert _differs(learner["target"], learner["online"]) != synced
+
+
+def test_actors_received_newer_weights(first_run):
+    _, _, _, scalars = first_run
+    for i in range(NUM_ACTORS):
+        versions = [v for _, v in scalars[f"actors/{i}/weights_version"]]
+        assert max(versions) > 0, f"actor {i} never received new weights"
+        assert versions == sorted(versions), f"actor {i}'s weights went back in time"
+    lags = [v for _, v in scalars["charts/weight_version_lag"]]
+    assert any(np.isfinite(lags)) and min(v for v in lags if np.isfinite(v)) >= 0
+
+
+def test_replay_holds_data_from_every_actor(first_run):
+    _, _, _, scalars = first_run
+    # Actor i is the only one pushing to shard i % SHARDS.
+    for i in range(NUM_ACTORS):
+        s = i % SHARDS
+        assert scalars[f"replay/{s}/added"][-1][1] > 0, f"nothing from actor {i} in replay"
+        assert scalars[f"replay/{s}/size"][-1][1] > 0
+        assert scalars[f"replay/{s}/dropped"][-1][1] == 0
+
+
+def test_tensorboard_holds_the_documented_tags(first_run):
+    _, _, _, scalars = first_run
+    missing = [tag for tag in TAGS if tag not in scalars]
+    assert not missing, f"missing tags {missing}; have {sorted(scalars)}"
+    returns = [v for _, v in scalars["charts/episodic_return"]]
+    lengths = [v for _, v in scalars["charts/episodic_length"]]
+    assert len(returns) == len(lengths) > 0
+    assert all(r >= 0 and r % 5 == 0 for r in returns), "scores are unclipped alien points"
+    assert all(n > 0 for n in lengths)
+    assert all(np.isfinite(v) for _, v in scalars["losses/td_loss"])
+    assert max(v for _, v in scalars["charts/env_frames_per_s"]) > 0
+    assert max(v for _, v in scalars["charts/updates_per_s"]) > 0
+    assert max(v for _, v in scalars["replay/size"]) >= 500
+
+
+def test_resume_continues_counters_and_training(first_run):
+    logdir, _, saved, _ = first_run
+    frames, updates = saved["counters"]["env_frames"], saved["learner"]["updates"]
+    run = Train("--resume", str(logdir), "--total-frames", str(RESUMED_FRAMES))
+    code = run.wait()
+    assert code == 0, run.output[-4000:]
+    assert f"logging to {logdir}" in run.output
+
+    _, resumed_events = _event_files(logdir)
+    scalars = _scalars(resumed_events)
+    steps = [s for s, _ in scalars["charts/learner_updates"]]
+    assert min(steps) >= frames, "env_frames restarted instead of continuing"
+    assert scalars["charts/learner_updates"][0][1] >= updates
+    for i in range(NUM_ACTORS):  # weight versions are update counts: they continue too
+        assert min(v for _, v in scalars[f"actors/{i}/weights_version"]) >= updates
+
+    final = checkpoint.load(logdir)
+    learner, counters = final["learner"], final["counters"]
+    assert counters["env_frames"] >= RESUMED_FRAMES
+    assert counters["episodes"] >= saved["counters"]["episodes"]
+    assert counters["wall_time_s"] > saved["counters"]["wall_time_s"]
+    assert learner["updates"] > updates
+    steps = {int(s["step"]) for s in learner["optimizer"]["state"].values()}
+    assert steps == {learner["updates"]}, "the optimizer state was not restored"
+
+
+def test_ctrl_c_stops_cleanly_with_a_checkpoint(tmp_path):
+    run = Train("--total-frames", "100000000", "--logdir", str(tmp_path))
+    # Interrupt while the learner trains: a log line with a finite loss.
+    run.wait_for(r"loss \d+\.\d+")
+    os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    code = run.wait(timeout=120)
+    assert code == 0, run.output[-4000:]
+    assert "interrupted: saving a checkpoint" in run.output
+    assert "Traceback" not in run.output
+    saved = checkpoint.load(tmp_path)
+    assert saved["learner"]["updates"] > 0
+    assert 0 < saved["counters"]["env_frames"] < 100_000_000
