@@ -2,13 +2,44 @@
 
     python train.py                       # local Ray, defaults sized for this machine
     python train.py --address auto        # join a running cluster (or set RAY_ADDRESS)
-    ray submit deploy/cluster.yaml train.py -- --num-actors 64
+    ray submit deploy/cluster.yaml train.py -- --num-actors 64 --max-actors 256
 
 Topology: ``replay_shards`` shard actors; one learner actor (on a GPU when there is
-one); ``num_actors`` actors, actor i pushing to shard i % S and pulling weights from the
-learner. The driver only watches: it logs progress to the console and TensorBoard,
-checkpoints the learner every few minutes and on Ctrl-C, restarts actors that died,
-and stops everything after ``total_frames`` environment frames.
+one); ``num_actors`` actors, more up to ``max_actors`` as CPUs become free, actor i
+pushing to shard i % S and pulling weights from the learner. The driver only watches:
+it logs progress to the console and TensorBoard, checkpoints the learner every few
+minutes and on Ctrl-C, brings back what died, grows the actor population into free
+CPUs, and stops everything after ``total_frames`` environment frames.
+
+What each component asks Ray for, and why:
+
+* learner: 1 CPU (its train loop keeps a core busy), and 1 GPU with ``--device cuda``;
+  default placement, so it sits on the driver's node when that node has room. Ray does
+  not restart it: the driver does, from the newest checkpoint, because a blank learner
+  would throw the run's learning away.
+* actor: ``--actor-threads`` CPUs (its emulators and inference run on that many
+  threads); SPREAD over nodes, so losing a node takes few of them. Ray restarts a dead
+  actor (``max_restarts=-1``) on any node with room, under the same index and so with
+  the same epsilons; the driver then restarts its loop.
+* replay shard: no CPU (it answers short calls), but the memory a full shard takes
+  (``replay.worker.shard_memory_bytes``), so no node is given more shards than it can
+  hold (none, with a note, if no node offers that much); SPREAD. Ray restarts it, empty;
+  the driver counts the transitions lost.
+* evaluator: no CPU (a few episodes now and then, beside the actors); Ray restarts it.
+
+Elastic actors. With ``--max-actors`` above ``--num-actors`` the population grows: every
+few seconds the driver reads the cluster's free CPUs (``ray.available_resources``) and
+starts as many more actors as fit, lowest free index first, once everything it started
+before has been placed. Epsilons are laid over ``max_actors`` slots in an order whose
+every prefix spans the whole Ape-X range (``common.schedules.population_epsilons``), so
+each actor's epsilons are its own and fixed for life, and nothing is re-sent to anyone
+as the population changes. When nodes leave, their actors wait for Ray to restart them
+where there is room, and training goes on with the others; an actor that Ray will not
+restart (dead for good) is dropped, and its index is started again when CPUs allow.
+
+The driver prints where each component runs as it starts or comes back: ``learner: pid
+N ...``, ``actor i: pid N node ID ...``, ``shard s: pid N node ID ...``. Actors and
+shards are named ``actor-<i>`` and ``shard-<s>`` in the Ray namespace printed at start.
 """
 
 from __future__ import annotations
@@ -18,8 +49,10 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,8 +102,11 @@ def _start_ray(cfg: Config, address: str | None) -> None:
     import ray
 
     runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}}
+    # A namespace of its own: two runs on one cluster never share actor names.
+    namespace = f"apex-dqn-{uuid.uuid4().hex[:8]}"
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True,
+                 namespace=namespace)  # fmt: skip
         return
     # Ask for the CPUs the topology reserves (learner + actors), even on a smaller
     # machine: there they share cores, where Ray would leave actors pending forever.
@@ -88,6 +124,7 @@ def _start_ray(cfg: Config, address: str | None) -> None:
         include_dashboard=False,
         runtime_env=runtime_env,
         num_cpus=max(cpus, needed),
+        namespace=namespace,
     )
 
 
@@ -120,6 +157,10 @@ def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None]:
     return cfg, resume, address
 
 
+SCALE_CHECK_S = 5.0  # seconds between looks at the cluster's CPUs
+REPROBE_S = 2.0  # seconds between asks whether a component that went down is back
+
+
 class Driver:
     def __init__(self, cfg: Config, resume: dict | None):
         import ray
@@ -130,38 +171,53 @@ class Driver:
         from learner.worker import LearnerWorker
         from replay.worker import ReplayShardWorker
 
+        self._ray = ray
         self.cfg = cfg
         self.counters = Counters(**resume["counters"]) if resume else Counters()
-        actions = num_actions(cfg.game)
+        self.population = max(cfg.max_actors, cfg.num_actors)
+        self._actions = actions = num_actions(cfg.game)
         per_shard = cfg.replay_capacity // cfg.replay_shards
-        shard_actor = ReplayShardWorker.options(
-            num_cpus=0, max_restarts=-1, scheduling_strategy="SPREAD"
-        )
+        shard_options = dict(
+            num_cpus=0, memory=_shard_memory(ray, per_shard), max_restarts=-1,
+            scheduling_strategy="SPREAD",
+        )  # fmt: skip
         self.shards = [
-            shard_actor.remote(per_shard, cfg.priority_alpha, seed=cfg.seed + i)
+            ReplayShardWorker.options(name=f"shard-{i}", **shard_options).remote(
+                per_shard, cfg.priority_alpha, seed=cfg.seed + i
+            )
             for i in range(cfg.replay_shards)
         ]
         gpu = 1 if cfg.device == "cuda" else 0
         self._learner_actor = ray.remote(LearnerWorker).options(
             num_cpus=1, num_gpus=gpu, max_concurrency=4, max_restarts=0
         )
-        self._actions = actions
         self.learner = self._learner_actor.remote(
             cfg, self.shards, actions, resume["learner"] if resume else None
         )
         self.learner_restarts = 0
-        ray_actor = ray.remote(ActorWorker).options(
+        self._actor_cls = ray.remote(ActorWorker)
+        self._actor_options = dict(
             num_cpus=cfg.actor_threads, max_concurrency=2, max_restarts=-1,
             scheduling_strategy="SPREAD",
         )  # fmt: skip
-        self.actors = [
-            ray_actor.remote(cfg, i, self.shards[i % cfg.replay_shards], self.learner, actions)
-            for i in range(cfg.num_actors)
-        ]
+        # Each collection below is bounded by the population (max_actors) or the shards.
+        self.actors: dict[int, Any] = {}  # index -> handle, while it is ours
+        self._runs: dict[Any, int] = {}  # run() in flight -> actor index: its loop runs
+        self._probes: dict[Any, tuple[str, int]] = {}  # where() in flight -> component
+        self._retry: dict[tuple[str, int], float] = {}  # component down -> when to ask again
+        self._drains: dict[Any, int] = {}  # drain() in flight -> actor index
+        self._shard_stats: dict[Any, int] = {}  # stats() in flight -> shard index
+        self._shard_last: dict[int, dict] = {}  # the last stats of each shard
+        self.versions: dict[int, int] = {}  # actor index -> weights version it acts with
+        self.lost_transitions = self.shard_restarts = self.failed_pushes = 0
+        self._cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        self._next_scale = time.monotonic() + SCALE_CHECK_S
         self.learner_run = self.learner.run.remote()
-        print(f"learner: {ray.get(self.learner.where.remote())}", flush=True)
-        self.actor_runs = {a.run.remote(): i for i, a in enumerate(self.actors)}
-        self._drains: dict = {}  # drain() call in flight -> actor index
+        self._probe("learner", 0)
+        for s in range(cfg.replay_shards):
+            self._probe("shard", s)
+        for i in range(cfg.num_actors):
+            self._add_actor(i)
         self.evaluator = None
         if cfg.eval_interval_s > 0:
             from actors.evaluate import EvaluatorWorker
@@ -178,8 +234,6 @@ class Driver:
         self._last_eval = time.monotonic()
         self.writer = SummaryWriter(cfg.logdir)
         self.writer.add_text("config", _config_table(cfg), global_step=0)
-        self.versions = np.full(cfg.num_actors, -1)
-        self._ray = ray
 
     # ------------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -211,10 +265,17 @@ class Driver:
         c.wall_time_s = time.monotonic() - start
         print(f"reached {c.env_frames:,} frames", flush=True)
 
+    # ------------------------------------------------------------------- supervision
     def _supervise(self) -> None:
-        """Bring back what died: actors (Ray restarts them; we restart their loops) and
-        the learner (we restart it from the last checkpoint and point actors at it)."""
-        ray = self._ray
+        """Bring back what died, never waiting on anything.
+
+        The learner is restarted from the last checkpoint. An actor whose loop stopped is
+        asked ``where()`` until it answers (Ray restarts it, maybe on another node, maybe
+        only once a node with room joins), and then its loop is restarted; if Ray says it
+        is dead for good, it is dropped. Every few seconds :meth:`_scale` looks for room
+        for more actors.
+        """
+        ray, now = self._ray, time.monotonic()
         done, _ = ray.wait([self.learner_run], timeout=0)
         if done:
             try:
@@ -222,13 +283,118 @@ class Driver:
                 raise RuntimeError("the learner stopped unexpectedly")
             except ray.exceptions.RayActorError:
                 self._restart_learner()
-        done, _ = ray.wait(list(self.actor_runs), num_returns=len(self.actor_runs), timeout=0)
-        for ref in done:
-            i = self.actor_runs.pop(ref)
-            with contextlib.suppress(ray.exceptions.RayError):
-                ray.get(ref)
-            print(f"actor {i} stopped; restarting its loop", flush=True)
-            self.actor_runs[self.actors[i].run.remote()] = i
+        if self._runs:
+            done, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=0)
+            for ref in done:
+                i = self._runs.pop(ref)
+                if i in self.actors:
+                    print(f"actor {i} stopped ({_failure(ray, ref)}); restarting its loop "
+                          "when it is back", flush=True)  # fmt: skip
+                    self._probe("actor", i)
+        if self._probes:
+            done, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
+            for ref in done:
+                kind, i = self._probes.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except ray.exceptions.ActorDiedError as exc:
+                    self._gone(kind, i, exc)
+                except ray.exceptions.RayError:  # restarting, or waiting for room
+                    self._retry[(kind, i)] = now + REPROBE_S
+                else:
+                    self._placed(kind, i, info)
+        for key, due in list(self._retry.items()):
+            if now >= due:
+                del self._retry[key]
+                self._probe(*key)
+        if now >= self._next_scale:
+            self._next_scale = now + SCALE_CHECK_S
+            self._scale()
+
+    def _handle(self, kind: str, i: int) -> Any:
+        if kind == "actor":
+            return self.actors.get(i)
+        return self.shards[i] if kind == "shard" else self.learner
+
+    def _probe(self, kind: str, i: int) -> None:
+        """Ask a component where it runs: its answer says it is up, its error why not."""
+        handle = self._handle(kind, i)
+        if handle is not None and (kind, i) not in self._probes.values():
+            self._probes[handle.where.remote()] = (kind, i)
+
+    def _placed(self, kind: str, i: int, info: Any) -> None:
+        """A component answered: say where it runs, and start an actor's loop."""
+        if kind == "learner":
+            print(f"learner: {info}", flush=True)
+        elif kind == "shard":
+            print(f"shard {i}: pid {info['pid']} node {info['node']} ip {info['ip']}", flush=True)
+        elif i in self.actors and i not in self._runs.values():
+            eps = info["epsilons"]
+            spread = f"{eps[0]:.4g}" if len(set(eps)) == 1 else f"{eps[0]:.4g}..{eps[-1]:.4g}"
+            print(f"actor {i}: pid {info['pid']} node {info['node']} ip {info['ip']} "
+                  f"epsilon {spread}", flush=True)  # fmt: skip
+            actor = self.actors[i]
+            if self.learner_restarts:  # Ray restarts an actor with the learner it began with
+                actor.set_learner.remote(self.learner)
+            self._runs[actor.run.remote()] = i
+
+    def _gone(self, kind: str, i: int, exc: Exception) -> None:
+        """Ray will not bring this component back."""
+        lines = str(exc).strip().splitlines()
+        why = lines[-1] if lines else type(exc).__name__
+        if kind == "actor" and i in self.actors:
+            actor = self.actors.pop(i)
+            with contextlib.suppress(Exception):
+                self._ray.kill(actor, no_restart=True)
+            self.versions.pop(i, None)
+            for ref in [r for r, j in self._drains.items() if j == i]:
+                del self._drains[ref]
+            print(f"actor {i} is dead for good ({why}); dropped it, {len(self.actors)} left",
+                  flush=True)  # fmt: skip
+        elif kind == "shard":
+            print(f"replay shard {i} is dead for good ({why}); the learner samples the "
+                  "others", flush=True)  # fmt: skip
+        # A dead learner is restarted by _supervise when its run() fails.
+
+    def _scale(self) -> None:
+        """Start more actors, up to ``max_actors``, into the cluster's free CPUs.
+
+        Only once every actor and learner started or restarting has been placed: what Ray
+        is still placing gets the room first, so a new actor never takes the CPUs that a
+        restarting learner or actor waits for.
+        """
+        ray = self._ray
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        if cpus != self._cpus:
+            print(f"cluster: {cpus:g} CPUs (was {self._cpus:g})", flush=True)
+            self._cpus = cpus
+        if len(self.actors) >= self.population:
+            return
+        if any(kind != "shard" for kind, _ in [*self._probes.values(), *self._retry]):
+            return
+        free = float(ray.available_resources().get("CPU", 0.0))
+        room = min(int(free // self.cfg.actor_threads), self.population - len(self.actors))
+        if room <= 0:
+            return
+        free_slots = [i for i in range(self.population) if i not in self.actors][:room]
+        started = [i for i in free_slots if self._add_actor(i)]
+        if not started:
+            return
+        print(f"{free:g} CPUs free: starting actor(s) {', '.join(map(str, started))} "
+              f"({len(self.actors)} of up to {self.population})", flush=True)  # fmt: skip
+
+    def _add_actor(self, i: int) -> bool:
+        """Start actor ``i``; False if Ray refused (its name still held by a dying one)."""
+        shard = self.shards[i % self.cfg.replay_shards]
+        try:
+            self.actors[i] = self._actor_cls.options(
+                name=f"actor-{i}", **self._actor_options
+            ).remote(self.cfg, i, shard, self.learner, self._actions)
+        except ValueError as exc:  # the name is still held by a dying actor i: next time
+            print(f"actor {i} not started: {exc}", flush=True)
+            return False
+        self._probe("actor", i)
+        return True
 
     def _poll_evaluation(self, now: float) -> None:
         """Log a finished evaluation; start the next one when it is due. Never waits."""
@@ -288,23 +454,34 @@ class Driver:
         self.learner_restarts += 1
         print(f"the learner died; restarting it from {source}", flush=True)
         self.learner = self._learner_actor.remote(self.cfg, self.shards, self._actions, state)
-        for a in self.actors:
+        for a in self.actors.values():  # one that is down gets it when its loop restarts
             a.set_learner.remote(self.learner)
         self.learner_run = self.learner.run.remote()
-        print(f"learner: {self._ray.get(self.learner.where.remote())}", flush=True)
+        self._retry.pop(("learner", 0), None)
+        for ref in [r for r, key in self._probes.items() if key == ("learner", 0)]:
+            del self._probes[ref]  # asked the dead one
+        self._probe("learner", 0)
 
     def _collect(self) -> dict[str, float]:
         ray, c, w = self._ray, self.counters, self.writer
-        # One drain in flight per actor, kept until it answers: an actor that is slow,
-        # still starting or waiting for a node delays nobody, and its counts are not lost.
+        # One drain in flight per running actor and one stats call per shard, kept until
+        # answered: one that is slow, restarting or unplaced delays nobody, loses nothing.
         asked = set(self._drains.values())
-        for i, a in enumerate(self.actors):
-            if i not in asked:
-                self._drains[a.drain.remote()] = i
-        ready, _ = ray.wait(
-            list(self._drains), num_returns=len(self._drains), timeout=self.cfg.log_interval_s
-        )
+        for i in set(self._runs.values()) - asked:
+            if i in self.actors:
+                self._drains[self.actors[i].drain.remote()] = i
+        asked = set(self._shard_stats.values())
+        for s, shard in enumerate(self.shards):
+            if s not in asked:
+                self._shard_stats[shard.stats.remote()] = s
+        pending = [*self._drains, *self._shard_stats]
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=self.cfg.log_interval_s)
         for ref in ready:
+            if ref in self._shard_stats:
+                s = self._shard_stats.pop(ref)
+                with contextlib.suppress(ray.exceptions.RayError):
+                    self._shard_seen(s, ray.get(ref))
+                continue
             del self._drains[ref]
             try:
                 report = ray.get(ref)
@@ -312,7 +489,9 @@ class Driver:
                 continue
             i = report["index"]
             c.env_frames += report["env_steps"] * self.cfg.frame_skip
-            self.versions[i] = report["weights_version"]
+            self.failed_pushes += report["pushes_failed"]
+            if i in self.actors:
+                self.versions[i] = report["weights_version"]
             scores = []
             for ep in report["episodes"]:
                 c.episodes += 1
@@ -323,19 +502,27 @@ class Driver:
                 w.add_scalar("charts/episodic_return_vs_epsilon", ep.score, int(ep.epsilon * 1e6))
             if scores:
                 w.add_scalar(f"actors/{i}/episodic_return", float(np.mean(scores)), c.env_frames)
+            w.add_scalar(f"actors/{i}/pushes_in_flight", report["pushes_in_flight"], c.env_frames)
             c.recent_scores = (c.recent_scores + scores)[-100:]
-        shard_refs = [s.stats.remote() for s in self.shards]
-        for s, ref in enumerate(shard_refs):  # actor i pushes to shard i % S
-            try:
-                stats = ray.get(ref, timeout=30)
-            except (ray.exceptions.RayError, TimeoutError):
-                continue
-            for key in ("size", "added", "dropped"):
-                w.add_scalar(f"replay/{s}/{key}", stats[key], c.env_frames)
         try:
             return ray.get(self.learner.stats.remote(), timeout=60)
         except (ray.exceptions.RayError, TimeoutError):
             return {}  # a dead learner is restarted by _supervise
+
+    def _shard_seen(self, s: int, stats: dict) -> None:
+        """Log a shard's counters; a new incarnation means it restarted, empty."""
+        last = self._shard_last.get(s)
+        if last is not None and stats["incarnation"] != last["incarnation"]:
+            lost = int(last["size"])  # at least: what it held when last seen
+            self.lost_transitions += lost
+            self.shard_restarts += 1
+            print(f"replay shard {s} restarted empty: {lost:,} transitions lost "
+                  f"({self.lost_transitions:,} in all)", flush=True)  # fmt: skip
+            self._probe("shard", s)
+        self._shard_last[s] = stats
+        step = self.counters.env_frames
+        for key in ("size", "added", "dropped", "samples"):  # actor i pushes to shard i % S
+            self.writer.add_scalar(f"replay/{s}/{key}", stats[key], step)
 
     def _log(self, fps: float, ups: float | None, learner: dict[str, float]) -> None:
         c, w, cfg = self.counters, self.writer, self.cfg
@@ -344,9 +531,9 @@ class Driver:
             if "/" in key:
                 w.add_scalar(key, value, step)
         version = learner.get("weights_version", -1)
-        known = self.versions[self.versions >= 0]
+        known = np.array([v for v in self.versions.values() if v >= 0])
         lag = float(version - known.mean()) if len(known) else float("nan")
-        for i, v in enumerate(self.versions):
+        for i, v in self.versions.items():
             if v >= 0:
                 w.add_scalar(f"actors/{i}/weights_version", v, step)
                 w.add_scalar(f"actors/{i}/weight_version_lag", version - v, step)
@@ -360,6 +547,12 @@ class Driver:
         w.add_scalar("charts/learner_updates", learner.get("updates", 0), step)
         w.add_scalar("charts/episodes", c.episodes, step)
         w.add_scalar("charts/learner_restarts", self.learner_restarts, step)
+        w.add_scalar("charts/actors", len(self.actors), step)
+        w.add_scalar("charts/actors_running", len(self._runs), step)
+        w.add_scalar("cluster/cpus", self._cpus, step)
+        w.add_scalar("replay/lost_transitions", self.lost_transitions, step)
+        w.add_scalar("replay/shard_restarts", self.shard_restarts, step)
+        w.add_scalar("replay/failed_pushes", self.failed_pushes, step)
         w.flush()
         recent = f"{np.mean(c.recent_scores):.1f}" if c.recent_scores else "-"
         best = f"{c.best_score:.0f}" if c.episodes else "-"
@@ -367,6 +560,7 @@ class Driver:
         print(
             f"[{_hms(c.wall_time_s)}] frames {_si(step)}/{_si(cfg.total_frames)}"
             f"  fps {fps:,.0f}  upd/s {ups if ups is not None else 0:.1f}"
+            f"  actors {len(self._runs)}"
             f"  score {recent} (best {best}, {c.episodes} eps)"
             f"  replay {learner.get('replay_size', 0):,}"
             f"  loss {learner.get('losses/td_loss', float('nan')):.4f}"
@@ -393,15 +587,11 @@ class Driver:
 
     def shutdown(self) -> None:
         ray = self._ray
-        for a in self.actors:
+        for a in self.actors.values():
             a.stop.remote()
         self.learner.stop.remote()
         with contextlib.suppress(Exception):
-            ray.wait(
-                [self.learner_run, *self.actor_runs],
-                num_returns=1 + len(self.actor_runs),
-                timeout=10,
-            )
+            ray.wait([self.learner_run, *self._runs], num_returns=1 + len(self._runs), timeout=10)
         self.writer.close()
 
 
@@ -449,6 +639,16 @@ def run_serial(cfg: Config, env, num_actions: int, steps: int, updates_per_step:
     return learner, actor
 
 
+def _failure(ray, ref) -> str:
+    """Why a call ended: its error's class and last line, or "returned"."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:200]
+    return "returned"
+
+
 def _config_table(cfg: Config) -> str:
     rows = "\n".join(f"|{k}|{v}|" for k, v in cfg.to_dict().items())
     return "|setting|value|\n|-|-|\n" + rows
@@ -466,6 +666,25 @@ def _hms(seconds: float) -> str:
         return "--:--:--"
     s = int(seconds)
     return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _shard_memory(ray, per_shard: int) -> int:
+    """The memory a shard reserves: what a full one takes, or 0 if no node offers that
+    much (a reservation nothing can meet would leave the shards waiting forever)."""
+    from replay.worker import shard_memory_bytes
+
+    need = shard_memory_bytes(per_shard)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max((n["Resources"].get("memory", 0) for n in nodes), default=0)
+    if need <= largest:
+        return need
+    print(
+        f"note: a full replay shard takes {need / 2**30:.1f} GiB and no node offers Ray that "
+        f"much ({largest / 2**30:.1f} GiB at most): shards reserve none, so Ray may put "
+        "more on a node than it can hold (more --replay-shards make them smaller)",
+        flush=True,
+    )
+    return 0
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -491,8 +710,10 @@ def main(argv: list[str] | None = None) -> int:
         _die(str(exc))
     cfg = resolved
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    print(f"ray namespace: {ray.get_runtime_context().namespace}", flush=True)
+    elastic = f" (up to {cfg.max_actors})" if cfg.max_actors > cfg.num_actors else ""
     print(
-        f"apex-dqn: {cfg.game}, {cfg.num_actors} actors x {cfg.envs_per_actor} envs, "
+        f"apex-dqn: {cfg.game}, {cfg.num_actors} actors{elastic} x {cfg.envs_per_actor} envs, "
         f"{cfg.replay_shards} replay shard(s) of {cfg.replay_capacity // cfg.replay_shards:,}, "
         f"learner on {cfg.device}, batch {cfg.batch_size}",
         flush=True,

@@ -2,9 +2,17 @@
 
 * Pushes: ``shard.add.remote(chunk)``; at most ``max_pushes_in_flight`` unacknowledged,
   beyond that the actor waits for the oldest (back-pressure, never an unbounded queue).
+  A push to a shard that died never hangs: Ray answers a call to a dead actor with an
+  error at once, and one to a restarting actor with an error or once it is back. A
+  failed push's chunk is lost and counted; the actor goes on pushing, to the restarted
+  shard once Ray has brought it back.
 * Weights: every ``weight_sync_period`` steps the actor advances a two-stage poll, asking
   the learner for its latest (version, ref), then fetching the weights only when
-  newer, and checking readiness with ``ray.wait(timeout=0)``: it never waits.
+  newer, and checking readiness with ``ray.wait(timeout=0)``: it never waits. While the
+  learner is dead the poll fails quietly and the actor acts with the weights it has,
+  until the driver points it at the restarted learner (``set_learner``).
+* Epsilons come from the actor's index alone (``population_epsilons``), so an actor that
+  Ray restarts, or that the driver re-creates under the same index, explores as before.
 * It runs on a thread of its own (``max_concurrency=2``) so the driver can ``drain()``
   its episodes and counters and ``stop()`` it while it runs.
 """
@@ -24,27 +32,47 @@ from actors.actor import Actor
 from common.config import Config
 from common.envs import make_vector_env
 from common.networks import build_network, inference_dtype
-from common.schedules import actor_epsilons
+from common.schedules import population_epsilons
 
 
 class BoundedPusher:
     """``sink`` for an :class:`Actor`: ``shard.add.remote(chunk)``, at most ``limit`` in flight.
 
-    Beyond the limit it waits for the oldest pushes to be acknowledged: back-pressure
-    from a busy shard reaches the actor, and no queue grows without bound.
+    Beyond the limit it waits for the oldest pushes to be answered: back-pressure from a
+    busy shard reaches the actor, and no queue grows without bound. An answer is either
+    the count stored (``acked``) or an error: a dead or restarting shard fails a push at
+    once, so the wait never hangs on one; such pushes are counted in ``failed``.
     """
 
     def __init__(self, shard: Any, limit: int):
         self.shard, self.limit = shard, limit
         self.in_flight: deque = deque()
+        self.acked = 0  # pushes the shard answered
+        self.failed = 0  # pushes lost to a dead or restarting shard
 
     def __call__(self, chunk) -> None:
         self.in_flight.append(self.shard.add.remote(chunk))
         excess = len(self.in_flight) - self.limit
         if excess > 0:
             done, _ = ray.wait(list(self.in_flight), num_returns=excess)
-            done = set(done)
-            self.in_flight = deque(r for r in self.in_flight if r not in done)
+            self._settle(done)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for every push in flight to be answered (or ``timeout`` seconds)."""
+        if self.in_flight:
+            done, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight),
+                               timeout=timeout)  # fmt: skip
+            self._settle(done)
+
+    def _settle(self, done: list) -> None:
+        for ref in done:
+            try:
+                ray.get(ref)
+                self.acked += 1
+            except ray.exceptions.RayError:
+                self.failed += 1
+        done = set(done)
+        self.in_flight = deque(r for r in self.in_flight if r not in done)
 
 
 class ActorWorker:
@@ -56,14 +84,16 @@ class ActorWorker:
         env = make_vector_env(cfg, cfg.envs_per_actor, cfg.actor_threads, cfg.actor_lanes)
         net = build_network(num_actions, cfg.network, cfg.dueling)
         net = net.to(inference_dtype(cfg.actor_precision))
-        epsilons = actor_epsilons(index, cfg.num_actors, cfg.envs_per_actor, cfg.epsilon_spread)
+        epsilons = population_epsilons(
+            index, cfg.num_actors, cfg.max_actors, cfg.envs_per_actor, cfg.epsilon_spread
+        )
         self._push = BoundedPusher(shard, cfg.max_pushes_in_flight)
         self._version_ref: Any = None
         self._weights: tuple[int, Any] | None = None
         self.actor = Actor(cfg, index, env, net, epsilons, self._push, self._poll_weights,
                            stream=self.stream, seed=seed)  # fmt: skip
         self._stop = threading.Event()
-        self._reported_steps = 0
+        self._reported_steps = self._reported_failed = 0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------- Ray plumbing
@@ -74,13 +104,19 @@ class ActorWorker:
             if not ray.wait([ref], timeout=0)[0]:
                 return None
             self._weights = None
-            return version, ray.get(ref)
+            try:
+                return version, ray.get(ref)
+            except ray.exceptions.RayError:  # its owner, the learner, died
+                return None
         if self._version_ref is None:
             self._version_ref = self.learner.latest_weights.remote()
             return None
         if not ray.wait([self._version_ref], timeout=0)[0]:
             return None
-        latest = ray.get(self._version_ref)
+        try:
+            latest = ray.get(self._version_ref)
+        except ray.exceptions.RayActorError:  # the learner died: act on until set_learner
+            latest = None
         self._version_ref = None
         if latest is not None and latest[0] > self.actor.weights_version:
             self._weights = (latest[0], latest[1][0])
@@ -100,6 +136,16 @@ class ActorWorker:
     def stop(self) -> None:
         self._stop.set()
 
+    def where(self) -> dict[str, Any]:
+        """This actor's index, process, node and epsilons: for logs, and to find it."""
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "epsilons": self.actor.epsilons.tolist(),
+        }
+
     def set_learner(self, learner: Any) -> None:
         """Pull weights from a new learner (the driver restarted it)."""
         with self._lock:
@@ -109,10 +155,13 @@ class ActorWorker:
             self.actor.weights_version = -1  # the new learner's versions start again
 
     def drain(self) -> dict[str, Any]:
-        """Episodes finished and agent steps taken since the last drain, and gauges."""
+        """Episodes finished, agent steps taken and pushes lost since the last drain, and
+        gauges."""
         with self._lock:
             steps = self.actor.env_steps - self._reported_steps
             self._reported_steps = self.actor.env_steps
+            failed = self._push.failed - self._reported_failed
+            self._reported_failed = self._push.failed
             times = vars(self.actor.times).copy()
             return {
                 "index": self.index,
@@ -121,5 +170,6 @@ class ActorWorker:
                 "weights_version": self.actor.weights_version,
                 "epsilons": np.asarray(self.actor.epsilons),
                 "pushes_in_flight": len(self._push.in_flight),
+                "pushes_failed": failed,
                 "times": times,
             }

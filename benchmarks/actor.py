@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="emulator and torch threads")
-    parser.add_argument("--lanes", type=int, default=2)
+    parser.add_argument("--lanes", type=int, default=1)
     parser.add_argument("--network", default="nature")
     parser.add_argument("--no-dueling", action="store_true")
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))

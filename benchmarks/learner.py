@@ -8,8 +8,8 @@ device, repeated: the ceiling. ``pipeline``: the same learner fed by the real in
 pipeline (:class:`learner.loop.TrainLoop`: sample requests in flight, a prefetch thread,
 pinned non-blocking copies on CUDA, priorities sent back) from replay shards filled
 with synthetic chunks: Ray shard processes by default, in-process shards with
-``--local`` (for machines without Ray). Same process, same threads, one run; the last
-line is one JSON object.
+``--local`` (for machines without Ray). Same process, same threads, one run, in
+alternating rounds; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -47,16 +47,30 @@ def _synthetic_batch(batch: int, device: torch.device, rng: np.random.Generator)
     )
 
 
-def _rate(step, seconds: float, device: torch.device, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
+def _run(step, seconds: float, device: torch.device) -> tuple[int, float]:
+    """(updates, seconds) of ``step`` called for about ``seconds``."""
     _sync(device)
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         if step() is not None:
             done += 1
     _sync(device)
-    return done / (time.perf_counter() - t0)
+    return done, time.perf_counter() - t0
+
+
+def _interleaved(steps: dict, seconds: float, rounds: int, device) -> dict[str, float]:
+    """Updates/s of each step function, measured in alternating short rounds so that a
+    change in the machine's load falls on both alike."""
+    for step in steps.values():
+        for _ in range(3):
+            step()  # warm up: allocations, first batches in flight
+    totals = {name: [0, 0.0] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            done, took = _run(step, seconds / rounds, device)
+            totals[name][0] += done
+            totals[name][1] += took
+    return {name: done / took for name, (done, took) in totals.items()}
 
 
 def _shards(args, cfg: Config):
@@ -95,7 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=0, help="0: 512 on CUDA, 64 on CPU")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--capacity", type=int, default=60_000, help="over all shards")
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch threads (0: 1 on CPU, as a learner given one CPU by Ray; default on GPU)",
+    )  # fmt: skip
     parser.add_argument("--local", action="store_true", help="in-process shards, no Ray")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -105,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = args.batch_size or (512 if device == "cuda" else 64)
+    if args.threads or device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     cfg = Config(
         network=args.network, dueling=not args.no_dueling, batch_size=batch, device=device,
         amp=args.amp, compile=args.compile,
@@ -112,12 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device(device)
     learner = Learner(cfg, num_actions=6, device=dev)
     fixed = _synthetic_batch(batch, dev, np.random.default_rng(0))
-    synthetic_ups = _rate(lambda: learner.update(fixed), args.seconds, dev)
-
     sampler, ray = _shards(args, cfg)
     loop = TrainLoop(learner, sampler)
     try:
-        pipeline_ups = _rate(loop.step, args.seconds, dev)
+        rates = _interleaved(
+            {"synthetic": lambda: learner.update(fixed), "pipeline": loop.step},
+            args.seconds, args.rounds, dev,
+        )  # fmt: skip
+        synthetic_ups, pipeline_ups = rates["synthetic"], rates["pipeline"]
         waiting = loop.waiting_s
     finally:
         loop.close()

@@ -64,7 +64,11 @@ class Config:
         0, "start more actors, up to this many, as CPUs become free (0 = --num-actors: fixed)"
     )
     envs_per_actor: int = _f(16, "environments each actor steps")
-    actor_lanes: int = _f(2, "groups of an actor's envs stepped in turn, to overlap inference")
+    actor_lanes: int = _f(
+        1,
+        "groups of an actor's envs stepped in turn: 2 overlaps inference with emulation "
+        "(worth it with --actor-threads 2)",
+    )
     epsilon_spread: str = _f(
         "env",
         "Ape-X epsilons 0.4**(1+7i/(N-1)) over every env of every actor, or one per actor",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -83,35 +84,82 @@ class LocalSampler:
 
 
 class RaySampler:
-    """Keeps ``prefetch`` sample requests in flight over shard actors; never unbounded."""
+    """Keeps ``prefetch`` sample requests in flight over shard actors; never unbounded.
+
+    Shards come and go: Ray restarts one that died, empty. A request to it fails, so its
+    mass is set to 0 and it is not chosen, and the others serve every batch meanwhile;
+    its priority updates are dropped while it is down (their items are gone, and their
+    keys would name the restarted shard's new items). Every ``refresh_s`` seconds each
+    shard is asked for its size and mass without waiting for the answer, so a restarted
+    shard is sampled again once it holds data. Requests, stats calls and priority updates
+    in flight are each bounded.
+    """
 
     def __init__(self, shards: list[Any], batch_size: int, prefetch: int, seed: int = 0,
-                 max_updates_in_flight: int = 64):  # fmt: skip
+                 max_updates_in_flight: int = 64, refresh_s: float = 5.0):  # fmt: skip
         import ray
 
         self._ray = ray
         self.shards, self.batch_size, self.prefetch = shards, batch_size, prefetch
+        self.refresh_s = refresh_s
         self.rng = np.random.default_rng(seed)
         self.totals = np.zeros(len(shards))
         self.sizes = np.zeros(len(shards), dtype=np.int64)
+        self.failures = 0  # sample requests that failed: a shard died or was empty
         self._requests: dict[Any, tuple[int, float]] = {}
+        self._stats: dict[Any, int] = {}  # stats call in flight -> shard, at most one each
+        self._asked = float("-inf")
         self._updates: deque = deque()
         self._max_updates = max_updates_in_flight
         self.refresh()
 
-    def refresh(self) -> None:
-        """Ask every shard for its size and mass (used before the first batches)."""
-        refs = [s.stats.remote() for s in self.shards]
-        for i, ref in enumerate(refs):
+    # ------------------------------------------------------------------ shard stats
+    def _ask_stats(self) -> None:
+        asking = set(self._stats.values())
+        for s, shard in enumerate(self.shards):
+            if s not in asking:
+                self._stats[shard.stats.remote()] = s
+        self._asked = time.monotonic()
+
+    def _read_stats(self, ready: list) -> None:
+        for ref in ready:
+            s = self._stats.pop(ref)
             try:
-                stats = self._ray.get(ref, timeout=30)
-                self.totals[i], self.sizes[i] = stats["total_priority"], stats["size"]
-            except (self._ray.exceptions.RayError, TimeoutError):
-                self.totals[i] = 0.0
+                stats = self._ray.get(ref)
+                self.totals[s], self.sizes[s] = stats["total_priority"], stats["size"]
+            except self._ray.exceptions.RayError:  # down or restarting: not sampled
+                self.totals[s], self.sizes[s] = 0.0, 0
+
+    def _poll_stats(self) -> None:
+        """Take the stats answers that are in, and ask again when due. Never waits."""
+        if time.monotonic() - self._asked >= self.refresh_s:
+            self._ask_stats()
+        if self._stats:
+            ready, _ = self._ray.wait(list(self._stats), num_returns=len(self._stats), timeout=0)
+            self._read_stats(ready)
+
+    def refresh(self, timeout: float = 30.0) -> None:
+        """Ask every shard for its size and mass; wait up to ``timeout`` s for the answers.
+
+        A shard that does not answer in time keeps its last known numbers; its answer is
+        taken later by ``draw``.
+        """
+        self._ask_stats()
+        ready, _ = self._ray.wait(list(self._stats), num_returns=len(self._stats), timeout=timeout)
+        self._read_stats(ready)
 
     def replay_size(self) -> int:
         return int(self.sizes.sum())
 
+    def in_flight(self) -> dict[str, int]:
+        """Calls awaiting an answer, per kind: each is bounded."""
+        return {
+            "sample_requests": len(self._requests),
+            "stats_requests": len(self._stats),
+            "priority_updates": len(self._updates),
+        }
+
+    # --------------------------------------------------------------------- sampling
     def _fill(self, beta: float) -> None:
         while len(self._requests) < self.prefetch and self.totals.sum() > 0:
             s, prob = _choose(self.totals, self.rng)
@@ -119,9 +167,9 @@ class RaySampler:
             self._requests[ref] = (s, prob)
 
     def draw(self, beta: float, timeout: float = 1.0) -> Drawn | None:
+        self._poll_stats()
         self._fill(beta)
         if not self._requests:
-            self.refresh()
             return None
         ready, _ = self._ray.wait(list(self._requests), num_returns=1, timeout=timeout)
         if not ready:
@@ -130,15 +178,21 @@ class RaySampler:
         try:
             batch: SampledBatch = self._ray.get(ready[0])
         except self._ray.exceptions.RayError:
-            self.totals[s] = 0.0  # shard down or empty: skip it until the next refresh
-            self.refresh()
+            # Shard down, restarting or empty: skip it until its stats show data again.
+            self.totals[s], self.sizes[s] = 0.0, 0
+            self.failures += 1
             return None
         self.totals[s], self.sizes[s] = batch.shard_total, batch.shard_size
         self._fill(beta)
         return Drawn(s, batch, _global_weights(batch, prob, self.replay_size(), beta))
 
     def update_priorities(self, shard: int, keys: np.ndarray, priorities: np.ndarray) -> None:
-        """Send and forget; only waits if ``max_updates_in_flight`` are unacknowledged."""
+        """Send and forget; only waits if ``max_updates_in_flight`` are unanswered.
+
+        Dropped while the shard is marked down: its items are lost with it.
+        """
+        if self.totals[shard] <= 0:
+            return
         self._updates.append(self.shards[shard].update_priorities.remote(keys, priorities))
         if len(self._updates) >= self._max_updates:
             done, _ = self._ray.wait(list(self._updates), num_returns=len(self._updates) // 2)

@@ -84,7 +84,8 @@ class LearnerWorker:
 
     def where(self) -> str:
         """This learner's process and node, for logs."""
-        return f"pid {os.getpid()} on {ray.util.get_node_ip_address()} ({self.device})"
+        node = ray.get_runtime_context().get_node_id()
+        return f"pid {os.getpid()} on {ray.util.get_node_ip_address()} node {node} ({self.device})"
 
     def latest_weights(self) -> tuple[int, list] | None:
         return self._published
@@ -103,6 +104,8 @@ class LearnerWorker:
             weights_version=self._published[0] if self._published else -1,
             input_wait_s=self._loop.waiting_s if self._loop else 0.0,
         )
+        out.update({f"sampler/{k}_in_flight": v for k, v in self.sampler.in_flight().items()})
+        out["sampler/failed_requests"] = self.sampler.failures
         return out
 
     def state(self) -> dict:

@@ -118,7 +118,6 @@ class FakeAtariVectorEnv:
         self.closed = True
 
 
-
 class ToyAtariVectorEnv(FakeAtariVectorEnv):
     """A learnable game with the same observations and API: the newest frame shows a
     bright bar on the left or on the right; action 0 (left) or 1 (right) matching it

@@ -92,6 +92,8 @@ INVALID = [
     # A chunk may refer n + 4 steps back into the previous one.
     ({"push_period": 6, "n_step": 3}, "--push-period", "6"),
     ({"game": "nosuchgame"}, "--game", "'nosuchgame'"),
+    ({"max_actors": -1}, "--max-actors", "-1"),
+    ({"num_actors": 4, "max_actors": 2}, "--max-actors", "2"),
     ({"game": "SpaceInvadrs"}, "--game", "'SpaceInvadrs'"),
 ]
 

@@ -7,7 +7,13 @@ import itertools
 import numpy as np
 import pytest
 
-from common.schedules import actor_epsilons, apex_epsilon, linear
+from common.schedules import (
+    actor_epsilons,
+    apex_epsilon,
+    linear,
+    population_epsilons,
+    spread_order,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +96,54 @@ def test_single_actor_single_env():
 )
 def test_linear(start, end, steps, t, expected):
     assert linear(start, end, steps, t) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8, 13, 64, 100])
+def test_spread_order_is_a_permutation_whose_prefixes_span_the_range(count):
+    order = spread_order(count)
+    assert sorted(order) == list(range(count))
+    assert order[: min(count, 2)] == [0, count - 1][: min(count, 2)]
+    for n in range(2, count + 1):  # no gap in the first n is over twice an even spread's
+        slots = sorted(order[:n])
+        widest = max(b - a for a, b in itertools.pairwise(slots))
+        assert widest <= 2 * -(-(count - 1) // (n - 1)), (n, slots)
+
+
+def test_spread_order_hand_values():
+    assert spread_order(8) == [0, 7, 3, 1, 5, 2, 4, 6]
+    assert spread_order(5) == [0, 4, 2, 1, 3]
+
+
+@pytest.mark.parametrize("spread", ["env", "actor"])
+def test_fixed_population_epsilons_are_plain_ape_x(spread):
+    for i in range(4):
+        np.testing.assert_array_equal(
+            population_epsilons(i, 4, 0, 3, spread), actor_epsilons(i, 4, 3, spread)
+        )
+        np.testing.assert_array_equal(
+            population_epsilons(i, 4, 4, 3, spread), actor_epsilons(i, 4, 3, spread)
+        )
+
+
+@pytest.mark.parametrize("spread", ["env", "actor"])
+def test_elastic_population_epsilons_are_distinct_fixed_and_span_the_range(spread):
+    most, k = 16, 4
+    every = [population_epsilons(i, 2, most, k, spread) for i in range(most)]
+    flat = np.concatenate(every)
+    distinct = len(set(flat.tolist()))
+    assert distinct == (most * k if spread == "env" else most)
+    # The same as a full Ape-X population of 16, in another order.
+    full = np.concatenate([actor_epsilons(i, most, k, spread) for i in range(most)])
+    np.testing.assert_array_equal(np.sort(flat), np.sort(full))
+    # Whatever it has grown to, the population explores from 0.4 down to 0.4**8.
+    for n in range(2, most + 1):
+        grown = np.concatenate(every[:n])
+        assert grown.max() == pytest.approx(0.4)
+        assert grown.min() == pytest.approx(0.4**8, rel=1e-5)
+    # An actor's epsilons depend on its index alone: a restart gives the same ones.
+    np.testing.assert_array_equal(population_epsilons(5, 2, most, k, spread), every[5])
+
+
+def test_population_epsilons_reject_an_index_outside_the_population():
+    with pytest.raises(ValueError, match="outside"):
+        population_epsilons(8, 2, 8, 4, "env")
