@@ -264,6 +264,15 @@ class Driver:
                 last_ckpt = now
         c.wall_time_s = time.monotonic() - start
         print(f"reached {c.env_frames:,} frames", flush=True)
+        self.finish_evaluation()
+
+    def finish_evaluation(self, timeout: float = 300.0) -> None:
+        """Wait (bounded) for an evaluation in flight, so the last one is logged."""
+        if self._eval_ref is None:
+            return
+        print("waiting for the evaluation in progress", flush=True)
+        self._ray.wait([self._eval_ref], timeout=timeout)
+        self._poll_evaluation(time.monotonic(), start_next=False)
 
     # ------------------------------------------------------------------- supervision
     def _supervise(self) -> None:
@@ -396,7 +405,7 @@ class Driver:
         self._probe("actor", i)
         return True
 
-    def _poll_evaluation(self, now: float) -> None:
+    def _poll_evaluation(self, now: float, start_next: bool = True) -> None:
         """Log a finished evaluation; start the next one when it is due. Never waits."""
         if self.evaluator is None:
             return
@@ -409,7 +418,7 @@ class Driver:
             except ray.exceptions.RayError as exc:
                 print(f"evaluation failed: {exc}", flush=True)
             self._eval_ref = None
-        if now - self._last_eval < self.cfg.eval_interval_s:
+        if not start_next or now - self._last_eval < self.cfg.eval_interval_s:
             return
         try:
             latest = ray.get(self.learner.latest_weights.remote(), timeout=30)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_recovery import Run
+from tests.runner import TrainRun as Run
 
 pytestmark = [pytest.mark.ray, pytest.mark.rom]
 

@@ -24,7 +24,7 @@ import pytest
 
 from actors.nstep import NStepAccumulator
 from tests.fakes import FakeAtariVectorEnv
-from tests.test_recovery import Run
+from tests.runner import TrainRun as Run
 
 pytestmark = pytest.mark.ray
 

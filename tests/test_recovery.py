@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from common import checkpoint
+from tests.runner import TrainRun
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--num-actors", "1", "--envs-per-actor", "4", "--replay-shards", "1",
     "--replay-capacity", "20000", "--replay-min-size", "400", "--batch-size", "16",
@@ -25,48 +20,10 @@ TINY = [
 ]  # fmt: skip
 
 
-class Run:
-    """``train.py`` in a subprocess, its output collected line by line."""
-
-    def __init__(self, args: list[str]):
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "train.py", *args], cwd=ROOT, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, pattern: str, timeout: float, after: int = 0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines[after:]:
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-40:]))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=90)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-
-
 @pytest.mark.ray
 @pytest.mark.rom
 def test_learner_killed_restarts_from_its_last_checkpoint(tmp_path):
-    run = Run([*TINY, "--total-frames", "100000000", "--logdir", str(tmp_path)])
+    run = TrainRun([*TINY, "--total-frames", "100000000", "--logdir", str(tmp_path)])
     try:
         pid = int(run.wait_for(r"^learner: pid (\d+)", timeout=120).group(1))
         # Wait for a checkpoint holding real progress, then kill the learner outright.

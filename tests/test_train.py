@@ -7,13 +7,6 @@ it, and a separate run stopped with Ctrl-C.
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +15,10 @@ import torch
 
 from common import checkpoint
 from common.networks import build_network
+from tests.runner import TrainRun
 
 pytestmark = [pytest.mark.ray, pytest.mark.rom]
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_ACTORS = SHARDS = 2
 TARGET_PERIOD = 20
 TINY = [
@@ -34,69 +27,15 @@ TINY = [
     "--batch-size", "16", "--network", "dqn2013", "--target-update-period", str(TARGET_PERIOD),
     "--publish-period", "5", "--weight-sync-period", "20", "--push-period", "20",
     "--log-interval-s", "3", "--seed", "0",
+    "--eval-interval-s", "5", "--eval-episodes", "1", "--no-eval-video",
 ]  # fmt: skip
 FIRST_FRAMES = 24_000
 RESUMED_FRAMES = 40_000
 TAGS = (
     "charts/episodic_return", "charts/episodic_length", "losses/td_loss", "losses/q_values",
     "charts/env_frames_per_s", "charts/updates_per_s", "replay/size",
-    "charts/weight_version_lag",
+    "charts/weight_version_lag", "eval/episodic_return_mean", "eval/episodic_return_std",
 )  # fmt: skip
-
-
-def _keep_sigint() -> None:
-    # A shell's background jobs start with SIGINT ignored, and Python then installs no
-    # KeyboardInterrupt handler: give train.py the default disposition, as a terminal does.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-class Train:
-    """``python train.py ARGS`` in its own process group, output collected line by line."""
-
-    def __init__(self, *args: str):
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "train.py", *TINY, *args], cwd=ROOT, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_keep_sigint,
-        )  # fmt: skip
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.2)
-        self.kill()
-        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-40:]))
-
-    def wait(self, timeout: float = 240) -> int:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        self._reader.join(timeout=10)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def _event_files(logdir: Path) -> list[Path]:
@@ -122,7 +61,7 @@ def _differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def first_run(tmp_path_factory):
     """A run to ``FIRST_FRAMES`` frames: its directory, output, newest checkpoint, scalars."""
     logdir = tmp_path_factory.mktemp("run")
-    run = Train("--total-frames", str(FIRST_FRAMES), "--logdir", str(logdir))
+    run = TrainRun([*TINY, "--total-frames", str(FIRST_FRAMES), "--logdir", str(logdir)])
     code = run.wait()
     assert code == 0, run.output[-4000:]
     (events,) = _event_files(logdir)
@@ -190,12 +129,16 @@ def test_tensorboard_holds_the_documented_tags(first_run):
     assert max(v for _, v in scalars["charts/env_frames_per_s"]) > 0
     assert max(v for _, v in scalars["charts/updates_per_s"]) > 0
     assert max(v for _, v in scalars["replay/size"]) >= 500
+    # One evaluation episode per run of the standard protocol: a whole game's score.
+    evals = [v for _, v in scalars["eval/episodic_return_mean"]]
+    assert evals and all(v >= 0 and v % 5 == 0 for v in evals)
+    assert all(v == 0 for _, v in scalars["eval/episodic_return_std"])
 
 
 def test_resume_continues_counters_and_training(first_run):
     logdir, _, saved, _ = first_run
     frames, updates = saved["counters"]["env_frames"], saved["learner"]["updates"]
-    run = Train("--resume", str(logdir), "--total-frames", str(RESUMED_FRAMES))
+    run = TrainRun([*TINY, "--resume", str(logdir), "--total-frames", str(RESUMED_FRAMES)])
     code = run.wait()
     assert code == 0, run.output[-4000:]
     assert f"logging to {logdir}" in run.output
@@ -219,11 +162,10 @@ def test_resume_continues_counters_and_training(first_run):
 
 
 def test_ctrl_c_stops_cleanly_with_a_checkpoint(tmp_path):
-    run = Train("--total-frames", "100000000", "--logdir", str(tmp_path))
+    run = TrainRun([*TINY, "--total-frames", "100000000", "--logdir", str(tmp_path)])
     # Interrupt while the learner trains: a log line with a finite loss.
     run.wait_for(r"loss \d+\.\d+")
-    os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-    code = run.wait(timeout=120)
+    code = run.stop(timeout=120)
     assert code == 0, run.output[-4000:]
     assert "interrupted: saving a checkpoint" in run.output
     assert "Traceback" not in run.output
