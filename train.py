@@ -530,8 +530,11 @@ class Driver:
             self._probe("shard", s)
         self._shard_last[s] = stats
         step = self.counters.env_frames
-        for key in ("size", "added", "dropped", "samples"):  # actor i pushes to shard i % S
-            self.writer.add_scalar(f"replay/{s}/{key}", stats[key], step)
+        for key in ("size", "added", "dropped", "samples", "total_priority"):
+            self.writer.add_scalar(f"replay/{s}/{key}", stats[key], step)  # actor i -> i % S
+        if stats["size"]:  # mean p^alpha of the items held
+            mean = stats["total_priority"] / stats["size"]
+            self.writer.add_scalar(f"replay/{s}/mean_priority", mean, step)
 
     def _log(self, fps: float, ups: float | None, learner: dict[str, float]) -> None:
         c, w, cfg = self.counters, self.writer, self.cfg

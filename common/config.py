@@ -23,7 +23,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 # Bytes one stored transition costs in a full replay shard (one 84x84 frame plus
 # keys, indices and the sum tree); used only to size the default replay capacity.
-_BYTES_PER_TRANSITION = 7_300
+BYTES_PER_TRANSITION = 7_300
 
 
 # Named settings for a kind of machine; flags given on the command line still win.
@@ -155,7 +155,7 @@ def resolve_auto(cfg: Config, *, cpus: int, gpus: int, memory_bytes: int) -> Con
     if cfg.replay_shards == 0:
         changes["replay_shards"] = max(1, min(8, actors // 8))
     if cfg.replay_capacity == 0:
-        by_memory = int(0.3 * memory_bytes / _BYTES_PER_TRANSITION)
+        by_memory = int(0.3 * memory_bytes / BYTES_PER_TRANSITION)
         changes["replay_capacity"] = max(50_000, min(1_000_000, by_memory // 10_000 * 10_000))
     if cfg.device == "auto":
         changes["device"] = "cuda" if gpus > 0 else "cpu"

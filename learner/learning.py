@@ -99,7 +99,8 @@ class Learner:
             "losses/td_loss": loss.detach(),
             "losses/q_values": q.mean(),
             "losses/q_max": q.max(),
-            "losses/abs_td": priorities.mean(),
+            "losses/abs_td": priorities.mean(),  # the new priorities' mean
+            "replay/new_priority_max": priorities.max(),
             "losses/grad_norm": grad_norm.detach(),
             "replay/importance_weight": batch.weights.mean(),
         }

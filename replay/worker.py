@@ -9,7 +9,8 @@ never stacks more shards on a node than it can hold.
 It restarts on failure, empty: actors' first chunks after that lose their first few
 transitions (counted in ``dropped``), and everything it held is gone. Its ``stats()``
 carry an ``incarnation`` number, new in every process, so the driver can tell a restart
-(and count what was lost) from a shard that merely evicted; ``samples`` counts the
+(and count what was lost) from a shard that merely evicted, and its keys start at an
+offset drawn from it, so keys of two incarnations never meet; ``samples`` counts the
 batches it served, so a restarted shard being sampled again is visible.
 """
 
@@ -19,14 +20,14 @@ import os
 
 import ray
 
-from common.config import _BYTES_PER_TRANSITION
+from common.config import BYTES_PER_TRANSITION
 from common.messages import SampledBatch
 from replay.shard import ReplayShard
 
 
 def shard_memory_bytes(capacity: int) -> int:
     """Memory a full shard of ``capacity`` transitions takes, process overhead included."""
-    return capacity * _BYTES_PER_TRANSITION + (256 << 20)
+    return capacity * BYTES_PER_TRANSITION + (256 << 20)
 
 
 class HostedShard(ReplayShard):
@@ -36,6 +37,10 @@ class HostedShard(ReplayShard):
         super().__init__(*args, **kwargs)
         self.incarnation = int.from_bytes(os.urandom(6), "little")
         self.samples = 0
+        # Keys of each incarnation start at a random multiple of 2**40 (room for 2**40
+        # transitions), so a late priority update for an item the previous incarnation
+        # held names no item of this one and is dropped like any evicted key.
+        self.first_key = self.oldest_key = self.next_key = (self.incarnation % (1 << 22)) << 40
 
     def sample(self, batch_size: int, beta: float) -> SampledBatch:
         batch = super().sample(batch_size, beta)
@@ -43,7 +48,12 @@ class HostedShard(ReplayShard):
         return batch
 
     def stats(self) -> dict[str, float]:
-        return {**super().stats(), "incarnation": self.incarnation, "samples": self.samples}
+        return {
+            **super().stats(),
+            "incarnation": self.incarnation,
+            "first_key": self.first_key,  # the key of this incarnation's first item
+            "samples": self.samples,
+        }
 
     def where(self) -> dict[str, int | str]:
         """This shard's process and node, for logs and for finding it on a machine."""

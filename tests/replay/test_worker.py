@@ -40,8 +40,10 @@ def test_shard_worker_add_sample_update(ray_local):
     batch = ray.get(shard.sample.remote(64, 0.4))
     assert batch.obs.shape == batch.next_obs.shape == (64, STACK, *FRAME_SHAPE)
     assert batch.obs.dtype == np.uint8
-    assert (batch.keys >= len(emitted) - 300).all() and (batch.keys < len(emitted)).all()
-    for i, key in enumerate(batch.keys.tolist()):  # what the actor saw, through Ray
+    base = stats["first_key"]  # keys of each shard incarnation start at their own offset
+    keys = batch.keys - base
+    assert (keys >= len(emitted) - 300).all() and (keys < len(emitted)).all()
+    for i, key in enumerate(keys.tolist()):  # what the actor saw, through Ray
         e, s = emitted[key]
         want = rec.expected(e, s)
         assert np.array_equal(batch.obs[i], want.obs)
@@ -53,6 +55,8 @@ def test_shard_worker_add_sample_update(ray_local):
     new = np.full(len(keys), 1e-6)
     new[0] = 1e8
     assert ray.get(shard.update_priorities.remote(keys, new)) == len(keys)
+    evicted = base + np.array([0, 1, 2])
+    assert ray.get(shard.update_priorities.remote(evicted, np.ones(3))) == 0
     assert ray.get(shard.update_priorities.remote(np.array([0, 1, 2]), np.ones(3))) == 0
     again = ray.get(shard.sample.remote(64, 0.4))
     assert (again.keys == keys[0]).mean() > 0.95
