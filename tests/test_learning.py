@@ -6,6 +6,7 @@ without asserting on noisy Atari scores."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from common.config import Config
@@ -21,9 +22,8 @@ def greedy_accuracy(net: torch.nn.Module, samples: int = 256) -> float:
     return float(np.mean(actions == env.side))
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # small batches: one thread is faster
 def test_pipeline_learns_the_toy_game():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small batches: one thread is faster, and fair to neighbours
     cfg = Config(
         network="dqn2013", dueling=True, n_step=3, gamma=0.9, batch_size=32, lr=1e-3,
         replay_capacity=10_000, replay_min_size=500, target_update_period=100,
@@ -31,10 +31,7 @@ def test_pipeline_learns_the_toy_game():
         epsilon_spread="env", priority_alpha=0.6,
     )  # fmt: skip
     env = ToyAtariVectorEnv(4, max_steps=20, seed=0, batch_size=2)
-    try:
-        learner, actor = run_serial(cfg, env, num_actions=4, steps=300, updates_per_step=2)
-    finally:
-        torch.set_num_threads(threads)
+    learner, actor = run_serial(cfg, env, num_actions=4, steps=300, updates_per_step=2)
     assert learner.updates > 250
     assert actor.weights_version > 0  # the actor played with the learner's weights
     assert greedy_accuracy(learner.online) >= 0.95

@@ -20,13 +20,7 @@ from tests.fakes import FakeAtariVectorEnv
 NUM_ACTIONS = 6
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small nets on a shared machine: one thread avoids oversubscribed thread pools."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RecordingEnv:

@@ -20,22 +20,13 @@ from common.networks import QNetwork, build_network, state_dict_to_numpy
 from common.video import decode_gif, read_video
 from learner.learning import Learner
 
-pytestmark = pytest.mark.rom
+pytestmark = [pytest.mark.rom, pytest.mark.usefixtures("one_torch_thread")]
 
 NUM_ACTIONS = 6  # Space Invaders' minimal action set
 NOOP = 0
 CAP = 2_000  # emulator frames per episode
 SHORT = 800
 CFG = Config(game="space_invaders", network="dqn2013", dueling=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One thread: the forward passes are tiny, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def constant_policy_net(action: int) -> QNetwork:

@@ -12,14 +12,6 @@ from common.checkpoint import CheckpointError, check_compatible, list_checkpoint
 from common.config import Config
 
 
-@pytest.fixture
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def payload(step: int) -> dict:
     return {
         "config": Config(seed=step).to_dict(),

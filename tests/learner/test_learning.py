@@ -15,13 +15,7 @@ from learner.learning import Learner, TorchBatch, double_dqn_targets, td_loss
 NUM_ACTIONS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small nets on a shared machine: one thread avoids oversubscribed thread pools."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TableQ(nn.Module):
