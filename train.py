@@ -741,8 +741,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            if driver is not None:
-                driver.save_checkpoint()
+            if driver is not None and driver.save_checkpoint() is None:
+                # A SIGTERM sent to the whole process group (as `timeout` does without
+                # --foreground) also stops the local Ray's processes: say what is kept.
+                kept = checkpoint.list_checkpoints(cfg.logdir)
+                print(f"the run continues from {kept[-1] if kept else 'nothing: no checkpoint'}"
+                      " with --resume", flush=True)  # fmt: skip
         finally:
             if driver is not None:
                 driver.shutdown()
