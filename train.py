@@ -119,13 +119,39 @@ def _start_ray(cfg: Config, address: str | None) -> None:
         )
     # "local": a new Ray even where /tmp/ray/ray_current_cluster names another cluster
     # (`ray start`, ray.cluster_utils.Cluster), live or stale, which ray.init() would join.
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        runtime_env=runtime_env,
-        num_cpus=max(cpus, needed),
-        namespace=namespace,
-    )
+    with _own_process_group():
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            num_cpus=max(cpus, needed),
+            namespace=namespace,
+        )
+
+
+@contextlib.contextmanager
+def _own_process_group():
+    """Start the processes made inside in a process group of their own.
+
+    A signal sent to this run's whole process group (Ctrl-C; SIGTERM from `timeout`,
+    a batch scheduler or a container stop) must reach only this driver, which then
+    saves a checkpoint through the local Ray; Ray's processes must still be running
+    for that. Ray blocks SIGINT in them, not SIGTERM. So the driver leads a new group
+    while Ray starts its processes (they inherit it), then rejoins its own group.
+    They still end with the driver: ``ray.shutdown()``, or Ray's own fate sharing if
+    the driver is killed. A driver that already leads its group (a shell's job) cannot
+    hand its children another one this way; there nothing changes.
+    """
+    original = os.getpgrp()
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # a session leader cannot change its group: nothing to isolate from
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.setpgid(0, original)
 
 
 def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None]:
@@ -619,7 +645,8 @@ def run_serial(cfg: Config, env, num_actions: int, steps: int, updates_per_step:
     import torch
 
     from actors.actor import Actor
-    from common.networks import build_network, state_dict_to_numpy
+    from actors.inference import InferenceNet
+    from common.networks import state_dict_to_numpy
     from common.schedules import actor_epsilons
     from learner.learning import Learner
     from learner.pipeline import LocalSampler, to_torch
@@ -633,9 +660,9 @@ def run_serial(cfg: Config, env, num_actions: int, steps: int, updates_per_step:
     learner = Learner(cfg, num_actions, device)
     sampler = LocalSampler([shard], cfg.batch_size, seed=seed)
     epsilons = actor_epsilons(0, 1, env.num_envs, cfg.epsilon_spread)
-    net = build_network(num_actions, cfg.network, cfg.dueling)
+    policy = InferenceNet(num_actions, cfg.network, cfg.dueling, cfg.actor_precision)
     actor = Actor(
-        cfg, 0, env, net, epsilons, shard.add,
+        cfg, 0, env, policy, epsilons, shard.add,
         lambda: (learner.updates, state_dict_to_numpy(learner.online)),
         stream=0, seed=seed,
     )  # fmt: skip
@@ -742,8 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             if driver is not None and driver.save_checkpoint() is None:
-                # A SIGTERM sent to the whole process group (as `timeout` does without
-                # --foreground) also stops the local Ray's processes: say what is kept.
+                # The learner is gone (a signal to Ray's processes too): say what is kept.
                 kept = checkpoint.list_checkpoints(cfg.logdir)
                 print(f"the run continues from {kept[-1] if kept else 'nothing: no checkpoint'}"
                       " with --resume", flush=True)  # fmt: skip

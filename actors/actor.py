@@ -2,7 +2,8 @@
 
 Plain class, no Ray: transitions leave through ``sink(chunk)`` and newer weights arrive
 through ``weights_source()``; ``actors/worker.py`` binds both to Ray, tests to local
-objects.
+objects. Q-values come from ``policy`` (an :class:`actors.inference.InferenceNet`: the
+learner's network rebuilt for cheap batched CPU inference).
 
 Lanes. The K environments are split into ``lanes`` equal groups that ale-py steps
 asynchronously (its vector env with ``batch_size = K / lanes``): while the emulator
@@ -20,13 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from actors.inference import InferenceNet
 from actors.nstep import NStepAccumulator
 from common.config import Config
 from common.envs import VectorEnv
 from common.messages import TransitionChunk
-from common.networks import QNetwork, load_numpy_state
 
 Sink = Callable[[TransitionChunk], None]
 WeightsSource = Callable[[], "tuple[int, dict] | None"]
@@ -56,7 +56,9 @@ class ActorTimes:
 
 @dataclass
 class _Lane:
-    envs: np.ndarray  # global env indices of this lane
+    ids: np.ndarray  # global env indices of this lane, consecutive
+    envs: slice  # the same, as a slice: per-env arrays are updated through views
+    epsilons: np.ndarray
     acc: NStepAccumulator
     started: bool = False
 
@@ -67,14 +69,14 @@ class Actor:
         cfg: Config,
         index: int,
         env: VectorEnv,
-        net: QNetwork,
+        policy: InferenceNet,
         epsilons: np.ndarray,
         sink: Sink,
         weights_source: WeightsSource,
         stream: int,
         seed: int,
     ):
-        self.cfg, self.index, self.env, self.net = cfg, index, env, net
+        self.cfg, self.index, self.env, self.policy = cfg, index, env, policy
         self.k = env.num_envs
         self.epsilons = np.asarray(epsilons, dtype=np.float32)
         if len(self.epsilons) != self.k:
@@ -87,7 +89,8 @@ class Actor:
             acc = NStepAccumulator(
                 width, cfg.n_step, cfg.gamma, stream * 16 + i, cfg.terminal_on_life_loss
             )
-            self.lanes.append(_Lane(np.arange(first, first + width), acc))
+            ids, envs = np.arange(first, first + width), slice(first, first + width)
+            self.lanes.append(_Lane(ids, envs, self.epsilons[envs], acc))
         self.sink, self.weights_source = sink, weights_source
         self.rng = np.random.default_rng(seed)
         self.weights_version = -1
@@ -98,7 +101,6 @@ class Actor:
         self._score = np.zeros(self.k, dtype=np.float64)
         self._length = np.zeros(self.k, dtype=np.int64)
         self._lives = np.zeros(self.k, dtype=np.int64)
-        self.net.eval()
         obs, info = env.reset(seed=seed)
         self._act(self._lane_of(info), obs, info)
 
@@ -111,15 +113,18 @@ class Actor:
         version, state = got
         if version <= self.weights_version:
             return False
-        load_numpy_state(self.net, state)
+        self.policy.load_state(state)
         self.weights_version = version
         return True
 
     # ------------------------------------------------------------------------- loop
     def _lane_of(self, info: dict) -> _Lane:
-        ids = np.asarray(info.get("env_id", np.arange(self.k)))
-        lane = self.lanes[int(ids[0]) // len(self.lanes[0].envs)]
-        if len(ids) != len(lane.envs) or not np.array_equal(ids, lane.envs):
+        ids = info.get("env_id")
+        if ids is None and len(self.lanes) == 1:
+            return self.lanes[0]
+        ids = np.asarray(ids)
+        lane = self.lanes[int(ids[0]) // len(self.lanes[0].ids)]
+        if ids.shape != lane.ids.shape or not (ids == lane.ids).all():
             raise RuntimeError(f"the env returned envs {ids.tolist()}, not one whole lane")
         return lane
 
@@ -130,15 +135,14 @@ class Actor:
             lane.acc.start(obs)
             self._lives[lane.envs] = info["lives"]
             lane.started = True
-        with torch.inference_mode():
-            q = self.net(torch.from_numpy(obs)).float().numpy()
+        q = self.policy(obs)
         t1 = time.perf_counter()
-        width = len(lane.envs)
+        width = len(lane.ids)
         lane.acc.bootstrap(q.max(axis=1))
         actions = q.argmax(axis=1)
-        explore = self.rng.random(width) < self.epsilons[lane.envs]
+        explore = self.rng.random(width) < lane.epsilons
         actions[explore] = self.rng.integers(0, q.shape[1], int(explore.sum()))
-        lane.acc.record(actions, q[np.arange(width), actions])
+        lane.acc.record(actions, np.take_along_axis(q, actions[:, None], axis=1)[:, 0])
         self.env.send(actions)
         self.times.inference += t1 - t0
         self.times.nstep += time.perf_counter() - t1
@@ -171,7 +175,7 @@ class Actor:
         self._score[envs] += np.where(live, reward, 0.0)
         self._length[envs] += live
         for j in np.flatnonzero(live & (terminated | truncated)):
-            e = int(envs[j])
+            e = int(lane.ids[j])
             self.episodes.append(
                 Episode(float(self._score[e]), int(self._length[e]), float(self.epsilons[e]),
                         self.index, e)
@@ -182,7 +186,7 @@ class Actor:
         life_lost = (lives < self._lives[envs]) & live
         self._lives[envs] = lives
         acc.observe(obs, np.clip(reward, -1.0, 1.0), terminated, truncated, life_lost)
-        self.env_steps += len(envs)
+        self.env_steps += len(lane.ids)
 
     def run(self, steps: int) -> None:
         """Take ``steps`` actor steps (each lane steps ``steps`` times)."""

@@ -51,6 +51,8 @@ class NStepAccumulator:
         self.ended = np.zeros(k, dtype=bool)
         self.cut = np.zeros(k, dtype=bool)  # pending transitions must stop bootstrapping
         self.step = 0
+        self._rows = np.arange(k, dtype=np.int64)
+        self._window = np.arange(n)
         self._first_frame = 0
         self._frames: list[np.ndarray] = []
         self._out: list[tuple[np.ndarray, ...]] = []
@@ -58,56 +60,61 @@ class NStepAccumulator:
     # ------------------------------------------------------------------------- frames
     def start(self, obs: np.ndarray) -> None:
         """Begin from the observations of a fresh reset, (K, 4, 84, 84)."""
-        numbers = np.arange(self.k, dtype=np.int64)
         self.stack[:] = ZERO_FRAME
-        self.stack[:, -1] = numbers
+        self.stack[:, -1] = self._rows
         self._frames.append(obs[:, -1].copy())
 
     def _add_frames(self, obs: np.ndarray, reset: np.ndarray) -> None:
         self.step += 1
-        numbers = self.step * self.k + np.arange(self.k, dtype=np.int64)
         self.stack[:, :-1] = self.stack[:, 1:]
-        self.stack[:, -1] = numbers
-        self.stack[reset, :-1] = ZERO_FRAME
+        self.stack[:, -1] = self.step * self.k + self._rows
+        if reset.any():
+            self.stack[reset, :-1] = ZERO_FRAME
         self._frames.append(obs[:, -1].copy())
 
     # -------------------------------------------------------------------- transitions
     def bootstrap(self, q_max: np.ndarray) -> None:
         """Emit every transition whose bootstrap observation is the current one."""
-        done = np.flatnonzero(self.ended | self.cut)
-        for e in done:  # episode ends and lost lives: rare, flush the whole window
-            c = int(self.count[e])
-            if c:
-                steps = c - np.arange(c)
-                disc = 0.0 if self.cut[e] else self._powers[steps]
-                self._emit(e, slice(0, c), disc * np.ones(c), q_max[e])
-            self.count[e] = 0
-        full = np.flatnonzero((self.count == self.n) & ~self.ended & ~self.cut)
+        ending = self.ended | self.cut
+        if ending.any():  # episode ends and lost lives: rare, flush the whole window
+            for e in np.flatnonzero(ending):
+                c = int(self.count[e])
+                if c:
+                    disc = np.zeros(c) if self.cut[e] else self._powers[c - np.arange(c)]
+                    window = (
+                        self.win_obs[e, :c],
+                        np.repeat(self.stack[e][None], c, axis=0),
+                        self.win_action[e, :c],
+                        self.win_return[e, :c],
+                        self.win_q[e, :c],
+                    )
+                    self._emit(*window, disc, q_max[e])
+                self.count[e] = 0
+            self.cut[:] = False
+        full = np.flatnonzero(self.count == self.n)
         if len(full):
-            disc = np.full(len(full), self._powers[self.n])
-            self._emit(full, 0, disc, q_max[full])
-            self.win_obs[full, :-1] = self.win_obs[full, 1:]
-            self.win_action[full, :-1] = self.win_action[full, 1:]
-            self.win_q[full, :-1] = self.win_q[full, 1:]
-            self.win_return[full, :-1] = self.win_return[full, 1:]
-            self.count[full] -= 1
-        self.cut[:] = False
+            # Every env's window is full on most steps: basic indexing is cheaper then.
+            rows = slice(None) if len(full) == self.k else full
+            self._emit(self.win_obs[rows, 0], self.stack[rows], self.win_action[rows, 0],
+                       self.win_return[rows, 0], self.win_q[rows, 0],
+                       np.full(len(full), self._powers[self.n]), q_max[rows])  # fmt: skip
+            self.win_obs[rows, :-1] = self.win_obs[rows, 1:]
+            self.win_action[rows, :-1] = self.win_action[rows, 1:]
+            self.win_q[rows, :-1] = self.win_q[rows, 1:]
+            self.win_return[rows, :-1] = self.win_return[rows, 1:]
+            self.count[rows] -= 1
 
-    def _emit(self, envs, index, discounts: np.ndarray, q_max) -> None:
-        # Copies: with a slice (an episode's flush) indexing gives views of the window,
-        # which record() overwrites before the chunk is flushed.
-        obs = np.atleast_2d(self.win_obs[envs, index]).copy()
-        returns = np.atleast_1d(self.win_return[envs, index]).astype(np.float32)
+    def _emit(self, obs, next_obs, actions, returns, q_taken, discounts, q_max) -> None:
+        # Copies: the window arrays are overwritten by record() before the chunk is flushed.
+        returns = returns.astype(np.float32)
         discounts = discounts.astype(np.float32)
-        q_taken = np.atleast_1d(self.win_q[envs, index])
         priorities = np.abs(returns + discounts * q_max - q_taken)
-        next_obs = np.broadcast_to(self.stack[envs], obs.shape)
-        actions = np.atleast_1d(self.win_action[envs, index]).copy()
-        self._out.append((obs, next_obs.copy(), actions, returns, discounts, priorities))
+        self._out.append((obs.copy(), next_obs.copy(), actions.copy(), returns, discounts,
+                          priorities))  # fmt: skip
 
     def record(self, actions: np.ndarray, q_taken: np.ndarray) -> None:
         """Open a transition for each env whose action will count (not a reset step)."""
-        live = np.flatnonzero(~self.ended)
+        live = np.flatnonzero(~self.ended) if self.ended.any() else self._rows
         slot = self.count[live]
         self.win_obs[live, slot] = self.stack[live]
         self.win_action[live, slot] = actions[live]
@@ -124,13 +131,14 @@ class NStepAccumulator:
         life_lost: np.ndarray,
     ) -> None:
         """Take one step's results; ``rewards`` are already clipped."""
-        was_reset = self.ended.copy()
+        was_reset = self.ended
         live = ~was_reset
-        # Pending item j of an env with c items gets reward r * gamma^(c - 1 - j).
-        j = np.arange(self.n)
-        power = np.clip(self.count[:, None] - 1 - j, 0, self.n)
-        mask = (j < self.count[:, None]) & live[:, None]
-        self.win_return += np.where(mask, rewards[:, None] * self._powers[power], 0.0)
+        if rewards.any():
+            # Pending item j of an env with c items gets reward r * gamma^(c - 1 - j).
+            j = self._window
+            power = np.maximum(self.count[:, None] - 1 - j, 0)
+            mask = (j < self.count[:, None]) & live[:, None]
+            self.win_return += np.where(mask, rewards[:, None] * self._powers[power], 0.0)
         self._add_frames(obs, was_reset)
         self.ended = live & (terminated | truncated)
         self.cut = live & (terminated | (life_lost & self.terminal_on_life_loss))

@@ -29,9 +29,9 @@ import ray
 import torch
 
 from actors.actor import Actor
+from actors.inference import InferenceNet
 from common.config import Config
 from common.envs import make_vector_env
-from common.networks import build_network, inference_dtype
 from common.schedules import population_epsilons
 
 
@@ -82,15 +82,14 @@ class ActorWorker:
         seed = cfg.seed * 10_007 + index * 101 + int.from_bytes(os.urandom(2), "little")
         self.stream = int.from_bytes(os.urandom(7), "little")  # new for every incarnation
         env = make_vector_env(cfg, cfg.envs_per_actor, cfg.actor_threads, cfg.actor_lanes)
-        net = build_network(num_actions, cfg.network, cfg.dueling)
-        net = net.to(inference_dtype(cfg.actor_precision))
+        policy = InferenceNet(num_actions, cfg.network, cfg.dueling, cfg.actor_precision)
         epsilons = population_epsilons(
             index, cfg.num_actors, cfg.max_actors, cfg.envs_per_actor, cfg.epsilon_spread
         )
         self._push = BoundedPusher(shard, cfg.max_pushes_in_flight)
         self._version_ref: Any = None
         self._weights: tuple[int, Any] | None = None
-        self.actor = Actor(cfg, index, env, net, epsilons, self._push, self._poll_weights,
+        self.actor = Actor(cfg, index, env, policy, epsilons, self._push, self._poll_weights,
                            stream=self.stream, seed=seed)  # fmt: skip
         self._stop = threading.Event()
         self._reported_steps = self._reported_failed = 0

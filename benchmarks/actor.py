@@ -1,19 +1,23 @@
 """Actor throughput against the raw emulator, side by side in one run.
 
-    python -m benchmarks.actor [--envs 8] [--threads 1] [--lanes 2] [--seconds 20]
+    python -m benchmarks.actor [--envs 16] [--threads 1] [--lanes 1] [--seconds 20]
 
 ``raw``: ale-py's vector env with the same envs, threads and preprocessing, random
 actions, nothing else. ``actor``: the real :class:`actors.actor.Actor` (forward pass
 of the configured network, epsilon-greedy, n-step building, first priorities, episode
 bookkeeping) pushing its chunks through the real bounded pusher to a replay shard in
-another Ray process. Both count agent steps per wall-clock second; ``cpu_cores`` is
-process CPU time over wall time, so the per-core figures are honest when the actor's
-inference thread overlaps the emulator thread. The last line is one JSON object.
+another Ray process, and loading new weights at every weight check (every
+``weight_sync_period`` actor steps, as if the learner always had newer ones). The two
+run in alternating rounds in one process, so a change in the machine's load hits both
+alike. Both count agent steps per wall-clock second; ``cpu_cores`` is process CPU time
+over wall time, so the per-core figures are honest when the actor's inference thread
+overlaps the emulator thread. The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -22,53 +26,73 @@ import numpy as np
 import torch
 
 
-def _raw(cfg, envs: int, threads: int, seconds: float) -> dict[str, float]:
-    from common.envs import make_vector_env
+class _Clock:
+    """Agent steps, wall seconds and process CPU seconds summed over rounds."""
 
-    env = make_vector_env(cfg, envs, threads)
-    env.reset(seed=0)
-    rng = np.random.default_rng(0)
-    actions = env.single_action_space.n
-    steps, c0, t0 = 0, time.process_time(), time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        env.step(rng.integers(0, actions, envs))
-        steps += envs
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    env.close()
-    return {"steps_per_s": steps / wall, "cpu_cores": cpu / wall}
+    def __init__(self):
+        self.steps, self.wall, self.cpu = 0, 0.0, 0.0
+
+    def round(self, step, steps_per_call: int, seconds: float) -> None:
+        c0, t0 = time.process_time(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            step()
+            self.steps += steps_per_call
+        self.wall += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
+
+    def rates(self) -> dict[str, float]:
+        return {"steps_per_s": self.steps / self.wall, "cpu_cores": self.cpu / self.wall}
 
 
-def _actor(cfg, seconds: float) -> dict[str, float]:
+def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
+    """Raw env and actor in alternating rounds, so load changes hit both alike."""
     import ray
 
     from actors.actor import Actor
+    from actors.inference import InferenceNet
     from actors.worker import BoundedPusher
     from common.envs import make_vector_env, num_actions
-    from common.networks import build_network, inference_dtype
+    from common.networks import build_network, state_dict_to_numpy
     from common.schedules import actor_epsilons
     from replay.worker import ReplayShardWorker
 
+    k = cfg.envs_per_actor
+    raw_env = make_vector_env(cfg, k, cfg.actor_threads)
+    raw_env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    n_actions = raw_env.single_action_space.n
+
     shard = ReplayShardWorker.options(num_cpus=0).remote(200_000, cfg.priority_alpha)
     ray.get(shard.stats.remote())
-    env = make_vector_env(cfg, cfg.envs_per_actor, cfg.actor_threads, cfg.actor_lanes)
-    net = build_network(num_actions(cfg.game), cfg.network, cfg.dueling)
-    net = net.to(inference_dtype(cfg.actor_precision))
-    eps = actor_epsilons(0, 1, cfg.envs_per_actor, "env")
+    env = make_vector_env(cfg, k, cfg.actor_threads, cfg.actor_lanes)
+    policy = InferenceNet(num_actions(cfg.game), cfg.network, cfg.dueling, cfg.actor_precision)
+    states = [state_dict_to_numpy(build_network(policy.num_actions, cfg.network, cfg.dueling))
+              for _ in range(2)]  # fmt: skip
+    versions = itertools.count(1)
+
+    def newer_weights() -> tuple[int, dict]:
+        """Every check finds newer weights: the worst case, a learner publishing faster."""
+        version = next(versions)
+        return version, states[version % 2]
+
+    eps = actor_epsilons(0, 1, k, "env")
     pusher = BoundedPusher(shard, cfg.max_pushes_in_flight)
-    actor = Actor(cfg, 0, env, net, eps, pusher, lambda: None, stream=1, seed=0)
+    actor = Actor(cfg, 0, env, policy, eps, pusher, newer_weights, stream=1, seed=0)
     actor.run(cfg.push_period)  # warm up, first pushes
     for key in vars(actor.times):
         setattr(actor.times, key, 0.0)
-    steps0, c0, t0 = actor.env_steps, time.process_time(), time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        actor.run(10)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    steps = actor.env_steps - steps0
+    steps0 = actor.env_steps
+    raw, act = _Clock(), _Clock()
+    for _ in range(rounds):
+        raw.round(lambda: raw_env.step(rng.integers(0, n_actions, k)), k, seconds / rounds)
+        act.round(lambda: actor.run(1), k, seconds / rounds)
+    raw_env.close()
+    steps = actor.env_steps - steps0  # the exact count: reset steps included, as in raw
+    act.steps = steps
     ray.get(list(pusher.in_flight))
     stored = ray.get(shard.stats.remote())["added"]
-    per_step = {f"ms_per_step_{k}": 1e3 * v / (steps / cfg.envs_per_actor)
-                for k, v in vars(actor.times).items()}  # fmt: skip
-    return {"steps_per_s": steps / wall, "cpu_cores": cpu / wall, "stored": stored, **per_step}
+    per_step = {f"ms_per_step_{key}": 1e3 * v / (steps / k) for key, v in vars(actor.times).items()}
+    return raw.rates(), {**act.rates(), "stored": stored, **per_step}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,13 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--network", default="nature")
     parser.add_argument("--no-dueling", action="store_true")
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="for each of raw and actor")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds")
     args = parser.parse_args(argv)
 
     import ray
 
+    from actors.inference import inference_dtype
     from common.config import Config
-    from common.networks import inference_dtype
 
     torch.set_num_threads(args.threads)
     cfg = Config(
@@ -94,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        raw = _raw(cfg, args.envs, args.threads, args.seconds)
-        actor = _actor(cfg, args.seconds)
+        raw, actor = _measure(cfg, args.seconds, args.rounds)
     finally:
         ray.shutdown()
     result = {

@@ -5,39 +5,48 @@
 * ``dueling``: Wang et al. 2016 head, Q = V + A - mean(A), on either torso.
 
 Inputs stay uint8 until the network, which scales them to [0, 1] itself, so replay,
-actors and the input pipeline never hold float frames. A network cast to bfloat16 (the
-actors' inference copy, where the CPU has native bf16 kernels) converts its input to
-bfloat16 instead; see :func:`inference_dtype`.
+actors and the input pipeline never hold float frames. Actors run these networks
+rebuilt for inference (:mod:`actors.inference`); the learner trains them in float32.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
-from common.envs import STACK
+from common.envs import FRAME_SHAPE, STACK
+
+# Per network: its convolutions as (out channels, kernel, stride), and its hidden width.
+CONVS = {
+    "nature": ((32, 8, 4), (64, 4, 2), (64, 3, 1)),
+    "dqn2013": ((16, 8, 4), (32, 4, 2)),
+}
+HIDDEN = {"nature": 512, "dqn2013": 256}
+
+
+def conv_layers(name: str) -> list[tuple[int, int, tuple[int, int, int]]]:
+    """(index in the torso, stride, output shape (C, H, W)) of each convolution."""
+    if name not in CONVS:
+        raise ValueError(f"unknown network {name!r}")
+    layers, side = [], FRAME_SHAPE[0]
+    for i, (channels, kernel, stride) in enumerate(CONVS[name]):
+        side = (side - kernel) // stride + 1
+        layers.append((2 * i, stride, (channels, side, side)))
+    return layers
 
 
 def _torso(name: str) -> tuple[nn.Module, int, int]:
-    """Return (conv torso, flattened size, hidden width)."""
-    if name == "nature":
-        conv = nn.Sequential(
-            nn.Conv2d(STACK, 32, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
-            nn.Flatten(),
-        )  # fmt: skip
-        return conv, 64 * 7 * 7, 512
-    if name == "dqn2013":
-        conv = nn.Sequential(
-            nn.Conv2d(STACK, 16, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(16, 32, 4, stride=2), nn.ReLU(),
-            nn.Flatten(),
-        )  # fmt: skip
-        return conv, 32 * 9 * 9, 256
-    raise ValueError(f"unknown network {name!r}")
+    """Return (conv torso: conv, ReLU, conv, ReLU, ..., flatten; flattened size; hidden width)."""
+    flat = int(np.prod(conv_layers(name)[-1][2]))  # raises for an unknown name
+    modules: list[nn.Module] = []
+    channels = STACK
+    for out, kernel, stride in CONVS[name]:
+        modules += [nn.Conv2d(channels, out, kernel, stride=stride), nn.ReLU()]
+        channels = out
+    return nn.Sequential(*modules, nn.Flatten()), flat, HIDDEN[name]
 
 
 class QNetwork(nn.Module):
@@ -46,7 +55,7 @@ class QNetwork(nn.Module):
     def __init__(self, num_actions: int, network: str = "nature", dueling: bool = True):
         super().__init__()
         self.torso, flat, hidden = _torso(network)
-        self.dueling = dueling
+        self.network, self.dueling = network, dueling
         if dueling:
             self.value = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, 1))
             self.advantage = nn.Sequential(
@@ -58,8 +67,7 @@ class QNetwork(nn.Module):
             )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        dtype = self.torso[0].weight.dtype
-        x = self.torso(obs.to(dtype) * (1.0 / 255.0))
+        x = self.torso(obs.to(torch.float32) * (1.0 / 255.0))
         if not self.dueling:
             return self.head(x)
         advantage = self.advantage(x)
@@ -68,21 +76,6 @@ class QNetwork(nn.Module):
 
 def build_network(num_actions: int, network: str, dueling: bool) -> QNetwork:
     return QNetwork(num_actions, network, dueling)
-
-
-def inference_dtype(precision: str) -> torch.dtype:
-    """The dtype for an actor's inference copy of the network.
-
-    ``auto`` picks bfloat16 where oneDNN has native bf16 kernels for this CPU (about twice
-    as fast as float32 for the Nature network at actor batch sizes) and float32
-    elsewhere. bf16 Q-values carry ~3 significant digits: enough to pick greedy actions
-    and first priorities; the learner always trains in float32.
-    """
-    if precision == "float32":
-        return torch.float32
-    if precision == "bfloat16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def state_dict_to_numpy(net: nn.Module) -> dict[str, object]:

@@ -23,12 +23,13 @@ def _terminal_sigint() -> None:
 class TrainRun:
     """``train.py`` in its own process group; its output collected line by line."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], wrapper: tuple[str, ...] = ()):
+        """``wrapper``: a command that runs train.py as its child, e.g. ``timeout``."""
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["PYTHONUNBUFFERED"] = "1"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
+            [*wrapper, sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_terminal_sigint,
         )  # fmt: skip
@@ -68,8 +69,11 @@ class TrainRun:
 
     def interrupt(self) -> None:
         """What Ctrl-C in a terminal sends: SIGINT to the whole process group."""
+        self.signal_group(signal.SIGINT)
+
+    def signal_group(self, signum: int) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
+            os.killpg(self.proc.pid, signum)
 
     def stop(self, timeout: float = 90) -> int:
         """Ctrl-C, then the exit code; killed if it has not exited within ``timeout``."""
@@ -80,5 +84,4 @@ class TrainRun:
             self.kill()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.signal_group(signal.SIGKILL)

@@ -7,6 +7,7 @@ it, and a separate run stopped with Ctrl-C.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,21 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(tmp_path):
     saved = checkpoint.load(tmp_path)
     assert saved["learner"]["updates"] > 0
     assert 0 < saved["counters"]["env_frames"] < 100_000_000
+
+
+def test_sigterm_to_the_whole_process_group_still_saves_the_last_state(tmp_path):
+    """``timeout`` (and shells running scripts) signal the whole process group: the local
+    Ray's processes are in a group of their own, so the driver can still save."""
+    args = [*TINY, "--total-frames", "100000000", "--logdir", str(tmp_path)]
+    run = TrainRun(args, wrapper=("timeout", "-s", "TERM", "900"))
+    try:
+        run.wait_for(r"loss \d+\.\d+")
+        run.signal_group(signal.SIGTERM)
+        run.wait(timeout=120)
+    finally:
+        run.kill()
+    assert "interrupted: saving a checkpoint" in run.output, run.output[-4000:]
+    assert "continues from" not in run.output
+    assert "Traceback" not in run.output
+    saved = checkpoint.load(tmp_path)
+    assert saved["learner"]["updates"] > 0

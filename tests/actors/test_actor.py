@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from actors.actor import Actor
+from actors.inference import InferenceNet
 from common.config import Config
 from common.messages import ZERO_FRAME, TransitionChunk
 from common.networks import QNetwork, state_dict_to_numpy
@@ -71,7 +72,19 @@ class RecordingEnv:
 
 def small_net(seed: int = 0) -> QNetwork:
     torch.manual_seed(seed)
-    return QNetwork(NUM_ACTIONS, "dqn2013", dueling=False)
+    return QNetwork(NUM_ACTIONS, "dqn2013", dueling=False).eval()
+
+
+def small_policy(seed: int = 0) -> InferenceNet:
+    return InferenceNet(NUM_ACTIONS, "dqn2013", False, "float32", small_net(seed).state_dict())
+
+
+def assert_policy_is(policy: InferenceNet, net: QNetwork) -> None:
+    """The policy computes ``net``'s Q-values (float32 inference: to rounding)."""
+    obs = np.random.default_rng(5).integers(0, 256, (3, 4, 84, 84), dtype=np.uint8)
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(obs)).numpy()
+    np.testing.assert_allclose(policy(obs), expected, rtol=1e-4, atol=1e-6)
 
 
 def make_actor(
@@ -97,7 +110,7 @@ def make_actor(
         cfg,
         index=4,
         env=env,
-        net=small_net(),
+        policy=small_policy(),
         epsilons=np.full(k, 0.3) if epsilons is None else epsilons,
         sink=sink,
         weights_source=weights_source or (lambda: None),
@@ -222,12 +235,11 @@ def test_each_env_explores_with_its_own_epsilon():
     assert len(sent) == 121
     random_env_greedy = 0
     random_env_actions = set()
-    with torch.inference_mode():
-        for result, actions in zip(results, sent, strict=False):
-            greedy = actor.net(torch.from_numpy(result["obs"])).argmax(dim=1).numpy()
-            assert actions[1] == greedy[1]  # epsilon 0: always the argmax
-            random_env_greedy += int(actions[0] == greedy[0])
-            random_env_actions.add(int(actions[0]))
+    for result, actions in zip(results, sent, strict=False):
+        greedy = actor.policy(result["obs"]).argmax(axis=1)
+        assert actions[1] == greedy[1]  # epsilon 0: always the argmax
+        random_env_greedy += int(actions[0] == greedy[0])
+        random_env_actions.add(int(actions[0]))
     assert random_env_actions == set(range(NUM_ACTIONS))
     assert random_env_greedy < 60  # epsilon 1: uniform, about 1 in 6 greedy
     assert {ep.epsilon for ep in actor.episodes if ep.env == 0} <= {1.0}
@@ -237,7 +249,7 @@ def test_each_env_explores_with_its_own_epsilon():
 def test_epsilon_count_must_match_envs():
     env = FakeAtariVectorEnv(2, NUM_ACTIONS)
     with pytest.raises(ValueError, match="epsilons"):
-        Actor(Config(), 0, env, small_net(), np.array([0.1, 0.2, 0.3]), print, lambda: None, 0, 0)
+        Actor(Config(), 0, env, small_policy(), np.array([0.1, 0.2, 0.3]), print, print, 0, 0)
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
@@ -307,7 +319,8 @@ def test_chunks_pushed_every_push_period_steps(lanes):
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_weights_source_consulted_every_sync_period_and_only_newer_loaded(lanes):
     period = 5
-    states = [state_dict_to_numpy(small_net(seed)) for seed in (100, 101, 102, 103)]
+    nets = [small_net(seed) for seed in (100, 101, 102, 103)]
+    states = [state_dict_to_numpy(net) for net in nets]
     replies = [
         None,
         (3, states[0]),  # newer: loaded
@@ -332,9 +345,7 @@ def test_weights_source_consulted_every_sync_period_and_only_newer_loaded(lanes)
     assert calls == [lanes * period * i for i in range(1, 6)]
     assert versions == [-1, -1, 3, 3, 3]
     assert actor.weights_version == 7
-    loaded = state_dict_to_numpy(actor.net)
-    for name, value in states[3].items():
-        assert np.array_equal(loaded[name], value)
+    assert_policy_is(actor.policy, nets[3])
 
 
 def test_sync_weights_loads_newer_and_ignores_older():
@@ -346,5 +357,4 @@ def test_sync_weights_loads_newer_and_ignores_older():
     assert actor.sync_weights() is False
     assert actor.sync_weights() is False
     assert actor.weights_version == 1
-    loaded = state_dict_to_numpy(actor.net)
-    assert all(np.array_equal(loaded[k], new[k]) for k in new)
+    assert_policy_is(actor.policy, small_net(7))

@@ -1,0 +1,53 @@
+"""Each benchmark runs end to end at a tiny size and prints one JSON line last.
+
+The figures themselves are for quiet machines (see README "Performance"); these runs
+only check that the benchmarks work and report what they name.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.runner import ROOT
+
+
+def _run(module: str, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.ray
+@pytest.mark.rom
+def test_actor_benchmark():
+    out = _run("benchmarks.actor", "--envs", "4", "--seconds", "2", "--rounds", "2",
+               "--network", "dqn2013")  # fmt: skip
+    assert out["raw_steps_per_s"] > 0 and out["actor_steps_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["actor_steps_per_s"] / out["raw_steps_per_s"], 1e-2)
+    assert out["envs"] == 4 and out["threads"] == 1
+    assert out["transitions_stored"] > 0
+    for part in ("env", "inference", "nstep", "push", "weights"):
+        assert out[f"ms_per_step_{part}"] >= 0
+    assert out["ms_per_step_env"] > 0 and out["ms_per_step_inference"] > 0
+
+
+def test_replay_benchmark():
+    out = _run("benchmarks.replay", "--quick", "--no-ray")
+    assert out["bytes_per_transition"] < out["naive_bytes_per_transition"]
+    assert out["insert_per_s"] > 0 and out["sample512_ms"] > 0
+
+
+def test_learner_benchmark_without_ray():
+    out = _run("benchmarks.learner", "--local", "--network", "dqn2013", "--batch-size", "8",
+               "--capacity", "2000", "--seconds", "2", "--rounds", "2")  # fmt: skip
+    assert out["synthetic_updates_per_s"] > 0 and out["pipeline_updates_per_s"] > 0
+    assert out["ratio"] == pytest.approx(
+        out["pipeline_updates_per_s"] / out["synthetic_updates_per_s"], 1e-2
+    )
