@@ -244,22 +244,13 @@ class Driver:
             self._probe("shard", s)
         for i in range(cfg.num_actors):
             self._add_actor(i)
-        self.evaluator = None
-        if cfg.eval_interval_s > 0:
-            from actors.evaluate import EvaluatorWorker
-            from common.video import gif_available
-
-            # No CPU reserved: it plays a few episodes now and then, beside the actors.
-            self.evaluator = (
-                ray.remote(EvaluatorWorker)
-                .options(num_cpus=0, max_restarts=-1)
-                .remote(cfg, actions, epsilon=cfg.eval_epsilon,
-                        video=cfg.eval_video and gif_available(), video_max_steps=2_700)
-            )  # fmt: skip
-        self._eval_ref, self._eval_step, self._evals = None, 0, 0
-        self._last_eval = time.monotonic()
         self.writer = SummaryWriter(cfg.logdir)
         self.writer.add_text("config", _config_table(cfg), global_step=0)
+        self.evaluation = None
+        if cfg.eval_interval_s > 0:
+            from actors.periodic import PeriodicEvaluation
+
+            self.evaluation = PeriodicEvaluation(ray, cfg, actions, self.writer)
 
     # ------------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -272,7 +263,8 @@ class Driver:
             time.sleep(min(1.0, cfg.log_interval_s))
             self._supervise()
             now = time.monotonic()
-            self._poll_evaluation(now)
+            if self.evaluation is not None:
+                self.evaluation.poll(self.learner, c.env_frames)
             if now - last_log >= cfg.log_interval_s:
                 c.wall_time_s = now - start
                 learner = self._collect()
@@ -290,15 +282,8 @@ class Driver:
                 last_ckpt = now
         c.wall_time_s = time.monotonic() - start
         print(f"reached {c.env_frames:,} frames", flush=True)
-        self.finish_evaluation()
-
-    def finish_evaluation(self, timeout: float = 300.0) -> None:
-        """Wait (bounded) for an evaluation in flight, so the last one is logged."""
-        if self._eval_ref is None:
-            return
-        print("waiting for the evaluation in progress", flush=True)
-        self._ray.wait([self._eval_ref], timeout=timeout)
-        self._poll_evaluation(time.monotonic(), start_next=False)
+        if self.evaluation is not None:
+            self.evaluation.finish()
 
     # ------------------------------------------------------------------- supervision
     def _supervise(self) -> None:
@@ -430,54 +415,6 @@ class Driver:
             return False
         self._probe("actor", i)
         return True
-
-    def _poll_evaluation(self, now: float, start_next: bool = True) -> None:
-        """Log a finished evaluation; start the next one when it is due. Never waits."""
-        if self.evaluator is None:
-            return
-        ray = self._ray
-        if self._eval_ref is not None:
-            if not ray.wait([self._eval_ref], timeout=0)[0]:
-                return
-            try:
-                self._log_evaluation(ray.get(self._eval_ref))
-            except ray.exceptions.RayError as exc:
-                print(f"evaluation failed: {exc}", flush=True)
-            self._eval_ref = None
-        if not start_next or now - self._last_eval < self.cfg.eval_interval_s:
-            return
-        try:
-            latest = ray.get(self.learner.latest_weights.remote(), timeout=30)
-        except (ray.exceptions.RayError, TimeoutError):
-            return
-        if latest is None or latest[0] == 0:
-            return  # nothing learnt yet
-        version, (weights,) = latest
-        video = self.cfg.eval_video and self._evals % 3 == 0
-        self._eval_ref = self.evaluator.evaluate.remote(
-            version, weights, self.cfg.eval_episodes, video
-        )
-        self._eval_step, self._last_eval = self.counters.env_frames, now
-        self._evals += 1
-
-    def _log_evaluation(self, result: dict) -> None:
-        from common.video import log_video
-
-        w, step = self.writer, self._eval_step  # frames when those weights were taken
-        for key in ("mean", "std", "min", "max"):
-            w.add_scalar(f"eval/episodic_return_{key}", result[key], step)
-        w.add_scalar("eval/episodic_length_mean", result["mean_length"], step)
-        w.add_scalar("eval/truncated_episodes", result["num_truncated"], step)
-        w.add_scalar("eval/weights_version", result["weights_version"], step)
-        if result["human_normalized"] is not None:
-            w.add_scalar("eval/human_normalized_score", result["human_normalized"], step)
-        if result["video_gif"] is not None:
-            log_video(w, "eval/video", result["video_gif"], step)
-        print(
-            f"eval (weights v{result['weights_version']}): {result['mean']:.1f} "
-            f"+/- {result['std']:.1f} over {result['episodes']} episodes",
-            flush=True,
-        )
 
     def _restart_learner(self) -> None:
         """A new learner from the newest checkpoint on disk (or fresh if there is none)."""
@@ -726,7 +663,12 @@ def _shard_memory(ray, per_shard: int) -> int:
     return 0
 
 
-def _raise_interrupt(signum, frame) -> None:
+def _interrupt_once(signum, frame) -> None:
+    """Stop the run on the first SIGINT or SIGTERM and ignore the ones after it: the same
+    signal often arrives twice (``timeout`` sends it to its child and to the group), and
+    a second KeyboardInterrupt must not cut into the final checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -748,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         _die(str(exc))
     cfg = resolved
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _interrupt_once)
+    signal.signal(signal.SIGTERM, _interrupt_once)
     print(f"ray namespace: {ray.get_runtime_context().namespace}", flush=True)
     elastic = f" (up to {cfg.max_actors})" if cfg.max_actors > cfg.num_actors else ""
     print(
