@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.envs import FRAME_SHAPE, STACK
 from common.networks import QNetwork, conv_layers
 
 _NO_SCALARS: list = [None]
@@ -115,13 +116,14 @@ class InferenceNet:
 
     def _pack(self, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """oneDNN layouts of the weights for inputs of ``batch`` observations."""
-        packs, size = [], (batch, 4, 84, 84)
-        for weight, _, stride in self.convs:
-            packs.append(torch.ops.mkldnn._reorder_convolution_weight(
-                weight, [0, 0], [stride, stride], [1, 1], 1, list(size)
-            ))  # fmt: skip
-            side = (size[2] - weight.shape[2]) // stride + 1
-            size = (batch, weight.shape[0], side, side)
+        outputs = [shape for _, _, shape in conv_layers(self.network)]
+        inputs = [(STACK, *FRAME_SHAPE), *outputs[:-1]]
+        packs = [
+            torch.ops.mkldnn._reorder_convolution_weight(
+                weight, [0, 0], [stride, stride], [1, 1], 1, [batch, *shape]
+            )
+            for (weight, _, stride), shape in zip(self.convs, inputs, strict=True)
+        ]
         return packs, torch.ops.mkldnn._reorder_linear_weight(self.hidden[0], batch)
 
     def _forward(self, obs: torch.Tensor) -> torch.Tensor:

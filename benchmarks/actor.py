@@ -81,14 +81,12 @@ def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
     actor.run(cfg.push_period)  # warm up, first pushes
     for key in vars(actor.times):
         setattr(actor.times, key, 0.0)
-    steps0 = actor.env_steps
     raw, act = _Clock(), _Clock()
-    for _ in range(rounds):
+    for _ in range(rounds):  # one actor step is k agent steps (reset steps too), as in raw
         raw.round(lambda: raw_env.step(rng.integers(0, n_actions, k)), k, seconds / rounds)
         act.round(lambda: actor.run(1), k, seconds / rounds)
     raw_env.close()
-    steps = actor.env_steps - steps0  # the exact count: reset steps included, as in raw
-    act.steps = steps
+    steps = act.steps
     ray.get(list(pusher.in_flight))
     stored = ray.get(shard.stats.remote())["added"]
     per_step = {f"ms_per_step_{key}": 1e3 * v / (steps / k) for key, v in vars(actor.times).items()}
