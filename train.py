@@ -56,8 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from common import checkpoint
-from common.config import Config, ConfigError, from_args, resolve_auto, validate
+from apex_dqn.common import checkpoint
+from apex_dqn.common.config import Config, ConfigError, from_args, resolve_auto, validate
 
 
 @dataclass
@@ -192,10 +192,10 @@ class Driver:
         import ray
         from torch.utils.tensorboard import SummaryWriter
 
-        from actors.worker import ActorWorker
-        from common.envs import num_actions
-        from learner.worker import LearnerWorker
-        from replay.worker import ReplayShardWorker
+        from apex_dqn.actors.worker import ActorWorker
+        from apex_dqn.common.envs import num_actions
+        from apex_dqn.learner.worker import LearnerWorker
+        from apex_dqn.replay.worker import ReplayShardWorker
 
         self._ray = ray
         self.cfg = cfg
@@ -248,7 +248,7 @@ class Driver:
         self.writer.add_text("config", _config_table(cfg), global_step=0)
         self.evaluation = None
         if cfg.eval_interval_s > 0:
-            from actors.periodic import PeriodicEvaluation
+            from apex_dqn.actors.periodic import PeriodicEvaluation
 
             self.evaluation = PeriodicEvaluation(ray, cfg, actions, self.writer)
 
@@ -581,13 +581,13 @@ def run_serial(cfg: Config, env, num_actions: int, steps: int, updates_per_step:
     """
     import torch
 
-    from actors.actor import Actor
-    from actors.inference import InferenceNet
-    from common.networks import state_dict_to_numpy
-    from common.schedules import actor_epsilons
-    from learner.learning import Learner
-    from learner.pipeline import LocalSampler, to_torch
-    from replay.shard import ReplayShard
+    from apex_dqn.actors.actor import Actor
+    from apex_dqn.actors.inference import InferenceNet
+    from apex_dqn.common.networks import state_dict_to_numpy
+    from apex_dqn.common.schedules import actor_epsilons
+    from apex_dqn.learner.learning import Learner
+    from apex_dqn.learner.pipeline import LocalSampler, to_torch
+    from apex_dqn.replay.shard import ReplayShard
 
     torch.manual_seed(seed)
     shard = ReplayShard(cfg.replay_capacity, cfg.priority_alpha, seed=seed)
@@ -647,7 +647,7 @@ def _hms(seconds: float) -> str:
 def _shard_memory(ray, per_shard: int) -> int:
     """The memory a shard reserves: what a full one takes, or 0 if no node offers that
     much (a reservation nothing can meet would leave the shards waiting forever)."""
-    from replay.worker import shard_memory_bytes
+    from apex_dqn.replay.worker import shard_memory_bytes
 
     need = shard_memory_bytes(per_shard)
     nodes = [n for n in ray.nodes() if n.get("Alive")]

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors.inference import InferenceNet
-from actors.nstep import NStepAccumulator
-from common.config import Config
-from common.envs import VectorEnv
-from common.messages import TransitionChunk
+from apex_dqn.actors.inference import InferenceNet
+from apex_dqn.actors.nstep import NStepAccumulator
+from apex_dqn.common.config import Config
+from apex_dqn.common.envs import VectorEnv
+from apex_dqn.common.messages import TransitionChunk
 
 Sink = Callable[[TransitionChunk], None]
 WeightsSource = Callable[[], "tuple[int, dict] | None"]

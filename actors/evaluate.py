@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import Config, normalize_game
-from common.envs import make_reference_env, make_vector_env
-from common.networks import QNetwork, build_network, load_numpy_state
-from common.protocol import (
+from apex_dqn.common.config import Config, normalize_game
+from apex_dqn.common.envs import make_reference_env, make_vector_env
+from apex_dqn.common.networks import QNetwork, build_network, load_numpy_state
+from apex_dqn.common.protocol import (
     ALE_FPS,
     EVAL_EPSILON,
     EVAL_MAX_EPISODE_FRAMES,
@@ -316,7 +316,7 @@ class EvaluatorWorker:
         seed: int | None = None,
     ):
         if video:
-            from common.video import VideoError, gif_available
+            from apex_dqn.common.video import VideoError, gif_available
 
             if not gif_available():
                 raise VideoError("videos need Pillow: pip install 'apex-dqn[video]'")
@@ -349,7 +349,7 @@ class EvaluatorWorker:
         out["human_normalized"] = human_normalized(result.mean, self.evaluator.cfg.game)
         out["video_gif"] = None
         if self.video if video is None else video:
-            from common.video import encode_gif
+            from apex_dqn.common.video import encode_gif
 
             rec = self.evaluator.record(max_steps=self.video_max_steps)
             out.update(
@@ -378,8 +378,8 @@ def config_from_dict(saved: dict[str, Any]) -> Config:
 
 def load_policy(path: str | os.PathLike) -> tuple[Config, QNetwork, dict[str, Any]]:
     """Rebuild the online Q-network of a checkpoint file (or a run directory's newest)."""
-    from common import checkpoint
-    from common.envs import available_games, num_actions
+    from apex_dqn.common import checkpoint
+    from apex_dqn.common.envs import available_games, num_actions
 
     try:
         payload = checkpoint.load(path)
@@ -453,7 +453,7 @@ def _check_args(args: argparse.Namespace) -> None:
             flag = "--" + name.replace("_", "-")
             raise CommandError(f"{flag}={value} is invalid: must be in [0, 1]")
     if args.video:
-        from common.video import VideoError, check_video_path
+        from apex_dqn.common.video import VideoError, check_video_path
 
         try:
             check_video_path(args.video)
@@ -516,7 +516,7 @@ def run(args: argparse.Namespace) -> None:
         scores = ", ".join(f"{k} {v:,.0f}" for k, v in published.items())
         print(f"published (no-op starts): {scores}")
     if args.video:
-        from common.video import write_video
+        from apex_dqn.common.video import write_video
 
         rec = evaluator.record(seed=args.seed, max_steps=args.video_max_steps)
         path = write_video(args.video, rec.frames, fps=rec.fps)

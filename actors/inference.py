@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.envs import FRAME_SHAPE, STACK
-from common.networks import QNetwork, conv_layers
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.networks import QNetwork, conv_layers
 
 _NO_SCALARS: list = [None]
 

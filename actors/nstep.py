@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.envs import FRAME_SHAPE, STACK
-from common.messages import ZERO_FRAME, TransitionChunk
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.messages import ZERO_FRAME, TransitionChunk
 
 
 class NStepAccumulator:

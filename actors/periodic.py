@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from common.config import Config
+from apex_dqn.common.config import Config
 
 
 class PeriodicEvaluation:
     def __init__(self, ray: Any, cfg: Config, num_actions: int, writer: Any):
-        from actors.evaluate import EvaluatorWorker
-        from common.video import gif_available
+        from apex_dqn.actors.evaluate import EvaluatorWorker
+        from apex_dqn.common.video import gif_available
 
         self._ray, self.cfg, self.writer = ray, cfg, writer
         self.worker = (
@@ -76,7 +76,7 @@ class PeriodicEvaluation:
         return True
 
     def _log(self, result: dict) -> None:
-        from common.video import log_video
+        from apex_dqn.common.video import log_video
 
         w, step = self.writer, self._step
         for key in ("mean", "std", "min", "max"):

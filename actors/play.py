@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import Config, normalize_game
-from common.protocol import ALE_FPS, EVAL_EPSILON, EVAL_MAX_EPISODE_FRAMES, EVAL_NOOP_MAX
+from apex_dqn.common.config import Config, normalize_game
+from apex_dqn.common.protocol import ALE_FPS, EVAL_EPSILON, EVAL_MAX_EPISODE_FRAMES, EVAL_NOOP_MAX
 
 
 class CommandError(RuntimeError):
@@ -61,7 +61,7 @@ def _need_window(alternative: str) -> Any:
 
 def human_env(cfg: Config) -> Any:
     """The reference env with RGB rendering, for ``gymnasium.utils.play.play``."""
-    from common.envs import make_reference_env
+    from apex_dqn.common.envs import make_reference_env
 
     return make_reference_env(cfg, render_mode="rgb_array")
 
@@ -149,13 +149,13 @@ def watch(args: argparse.Namespace) -> None:
     window_needed = not args.video
     pygame = _need_window("write a file with --video out.mp4") if window_needed else None
     if args.video:
-        from common.video import VideoError, check_video_path
+        from apex_dqn.common.video import VideoError, check_video_path
 
         try:
             check_video_path(args.video)
         except VideoError as exc:
             raise CommandError(str(exc)) from exc
-    from actors import evaluate
+    from apex_dqn.actors import evaluate
 
     try:
         cfg, net, payload = evaluate.load_policy(args.checkpoint)
@@ -196,7 +196,7 @@ def watch(args: argparse.Namespace) -> None:
         if window is not None:
             window.close()
     if args.video:
-        from common.video import write_video
+        from apex_dqn.common.video import write_video
 
         path = write_video(args.video, np.stack(frames), fps=fps)
         print(f"video {path}: {len(frames)} frames at {fps:g} fps")
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
     if args.mode == "watch":
         watch(args)
         return
-    from common.envs import available_games
+    from apex_dqn.common.envs import available_games
 
     game = normalize_game(args.game)
     if game not in available_games():

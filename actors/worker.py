@@ -28,11 +28,11 @@ import numpy as np
 import ray
 import torch
 
-from actors.actor import Actor
-from actors.inference import InferenceNet
-from common.config import Config
-from common.envs import make_vector_env
-from common.schedules import population_epsilons
+from apex_dqn.actors.actor import Actor
+from apex_dqn.actors.inference import InferenceNet
+from apex_dqn.common.config import Config
+from apex_dqn.common.envs import make_vector_env
+from apex_dqn.common.schedules import population_epsilons
 
 
 class BoundedPusher:

@@ -48,13 +48,13 @@ def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
     """Raw env and actor in alternating rounds, so load changes hit both alike."""
     import ray
 
-    from actors.actor import Actor
-    from actors.inference import InferenceNet
-    from actors.worker import BoundedPusher
-    from common.envs import make_vector_env, num_actions
-    from common.networks import build_network, state_dict_to_numpy
-    from common.schedules import actor_epsilons
-    from replay.worker import ReplayShardWorker
+    from apex_dqn.actors.actor import Actor
+    from apex_dqn.actors.inference import InferenceNet
+    from apex_dqn.actors.worker import BoundedPusher
+    from apex_dqn.common.envs import make_vector_env, num_actions
+    from apex_dqn.common.networks import build_network, state_dict_to_numpy
+    from apex_dqn.common.schedules import actor_epsilons
+    from apex_dqn.replay.worker import ReplayShardWorker
 
     k = cfg.envs_per_actor
     raw_env = make_vector_env(cfg, k, cfg.actor_threads)
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from actors.inference import inference_dtype
-    from common.config import Config
+    from apex_dqn.actors.inference import inference_dtype
+    from apex_dqn.common.config import Config
 
     torch.set_num_threads(args.threads)
     cfg = Config(

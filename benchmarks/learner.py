@@ -21,10 +21,10 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import synthetic
-from common.config import Config
-from learner.learning import Learner, TorchBatch
-from learner.loop import TrainLoop
+from apex_dqn.benchmarks import synthetic
+from apex_dqn.common.config import Config
+from apex_dqn.learner.learning import Learner, TorchBatch
+from apex_dqn.learner.loop import TrainLoop
 
 
 def _sync(device: torch.device) -> None:
@@ -77,8 +77,8 @@ def _shards(args, cfg: Config):
     """Filled shards and a sampler over them (Ray processes, or in-process)."""
     per_shard = args.capacity // args.shards
     if args.local:
-        from learner.pipeline import LocalSampler
-        from replay.shard import ReplayShard
+        from apex_dqn.learner.pipeline import LocalSampler
+        from apex_dqn.replay.shard import ReplayShard
 
         shards = [ReplayShard(per_shard, seed=i) for i in range(args.shards)]
         for i, shard in enumerate(shards):
@@ -87,8 +87,8 @@ def _shards(args, cfg: Config):
 
     import ray
 
-    from learner.pipeline import RaySampler
-    from replay.worker import ReplayShardWorker
+    from apex_dqn.learner.pipeline import RaySampler
+    from apex_dqn.replay.worker import ReplayShardWorker
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     shards = [ReplayShardWorker.options(num_cpus=0).remote(per_shard, seed=i)

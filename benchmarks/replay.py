@@ -52,11 +52,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from actors.nstep import NStepAccumulator
-from common.envs import FRAME_SHAPE, STACK
-from common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
-from replay.shard import ReplayShard, importance_weights
-from replay.sum_tree import SumTree
+from apex_dqn.actors.nstep import NStepAccumulator
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
+from apex_dqn.replay.shard import ReplayShard, importance_weights
+from apex_dqn.replay.sum_tree import SumTree
 
 BATCH = 512
 BETA = 0.4
@@ -274,8 +274,8 @@ def measure_ray(chunks, capacity: int, shard_counts: list[int], prefetch: int, s
     """Samples/s the learner's RaySampler receives from S shard processes, S in shard_counts."""
     import ray
 
-    from learner.pipeline import RaySampler
-    from replay.worker import ReplayShardWorker
+    from apex_dqn.learner.pipeline import RaySampler
+    from apex_dqn.replay.worker import ReplayShardWorker
 
     # "local": a Ray of our own, never a cluster someone else on this machine started.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

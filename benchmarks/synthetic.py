@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from actors.nstep import NStepAccumulator
-from common.envs import FRAME_SHAPE, STACK
-from common.messages import TransitionChunk
+from apex_dqn.actors.nstep import NStepAccumulator
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.messages import TransitionChunk
 
 
 def chunks(

@@ -259,7 +259,7 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
 
 
 def _validate_game(game: str) -> None:
-    from common.envs import available_games
+    from apex_dqn.common.envs import available_games
 
     name = normalize_game(game)
     games = available_games()

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.config import Config
+from apex_dqn.common.config import Config
 
 FRAME_SHAPE = (84, 84)
 STACK = 4
@@ -105,7 +105,7 @@ def _gymnasium_id(game: str) -> str:
     """gymnasium's id for an ALE ROM: ``space_invaders`` -> ``ALE/SpaceInvaders-v5``."""
     import gymnasium as gym
 
-    from common.config import normalize_game
+    from apex_dqn.common.config import normalize_game
 
     for env_id in gym.registry:
         if env_id.startswith("ALE/") and env_id.endswith("-v5") and normalize_game(env_id) == game:

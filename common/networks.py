@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
 
 # Per network: its convolutions as (out channels, kernel, stride), and its hidden width.
 CONVS = {

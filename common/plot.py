@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.protocol import reference_scores
+from apex_dqn.common.protocol import reference_scores
 
 TRAIN_TAG = "charts/episodic_return"
 EVAL_TAG = "eval/episodic_return_mean"

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.config import Config
-from common.networks import build_network
-from common.schedules import linear
+from apex_dqn.common.config import Config
+from apex_dqn.common.networks import build_network
+from apex_dqn.common.schedules import linear
 
 
 @dataclass

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from learner.learning import Learner
-from learner.pipeline import Prefetcher, Sampler
+from apex_dqn.learner.learning import Learner
+from apex_dqn.learner.pipeline import Prefetcher, Sampler
 
 
 class TrainLoop:

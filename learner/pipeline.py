@@ -30,9 +30,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from common.messages import SampledBatch
-from learner.learning import TorchBatch
-from replay.shard import ReplayShard, importance_weights
+from apex_dqn.common.messages import SampledBatch
+from apex_dqn.learner.learning import TorchBatch
+from apex_dqn.replay.shard import ReplayShard, importance_weights
 
 
 @dataclass

@@ -18,11 +18,11 @@ from typing import Any
 import ray
 import torch
 
-from common.config import Config
-from common.networks import state_dict_to_numpy
-from learner.learning import Learner
-from learner.loop import TrainLoop
-from learner.pipeline import RaySampler
+from apex_dqn.common.config import Config
+from apex_dqn.common.networks import state_dict_to_numpy
+from apex_dqn.learner.learning import Learner
+from apex_dqn.learner.loop import TrainLoop
+from apex_dqn.learner.pipeline import RaySampler
 
 
 def _to_cpu(obj: Any) -> Any:

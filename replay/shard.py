@@ -51,9 +51,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.envs import FRAME_SHAPE, STACK
-from common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
-from replay.sum_tree import SumTree
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
+from apex_dqn.replay.sum_tree import SumTree
 
 MAX_STREAMS = 4096  # stream tails remembered; the least recently pushing is forgotten first
 STREAM_TIMEOUT_CHUNKS = 4096  # a stream silent for this many chunks is forgotten

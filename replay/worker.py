@@ -20,9 +20,9 @@ import os
 
 import ray
 
-from common.config import BYTES_PER_TRANSITION
-from common.messages import SampledBatch
-from replay.shard import ReplayShard
+from apex_dqn.common.config import BYTES_PER_TRANSITION
+from apex_dqn.common.messages import SampledBatch
+from apex_dqn.replay.shard import ReplayShard
 
 
 def shard_memory_bytes(capacity: int) -> int:

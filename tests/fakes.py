@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
 
 
 class FakeAtariVectorEnv:

@@ -27,7 +27,7 @@ def _run(module: str, *args: str) -> dict:
 @pytest.mark.ray
 @pytest.mark.rom
 def test_actor_benchmark():
-    out = _run("benchmarks.actor", "--envs", "4", "--seconds", "2", "--rounds", "2",
+    out = _run("apex_dqn.benchmarks.actor", "--envs", "4", "--seconds", "2", "--rounds", "2",
                "--network", "dqn2013")  # fmt: skip
     assert out["raw_steps_per_s"] > 0 and out["actor_steps_per_s"] > 0
     assert out["ratio"] == pytest.approx(out["actor_steps_per_s"] / out["raw_steps_per_s"], 1e-2)
@@ -39,13 +39,13 @@ def test_actor_benchmark():
 
 
 def test_replay_benchmark():
-    out = _run("benchmarks.replay", "--quick", "--no-ray")
+    out = _run("apex_dqn.benchmarks.replay", "--quick", "--no-ray")
     assert out["bytes_per_transition"] < out["naive_bytes_per_transition"]
     assert out["insert_per_s"] > 0 and out["sample512_ms"] > 0
 
 
 def test_learner_benchmark_without_ray():
-    out = _run("benchmarks.learner", "--local", "--network", "dqn2013", "--batch-size", "8",
+    out = _run("apex_dqn.benchmarks.learner", "--local", "--network", "dqn2013", "--batch-size", "8",
                "--capacity", "2000", "--seconds", "2", "--rounds", "2")  # fmt: skip
     assert out["synthetic_updates_per_s"] > 0 and out["pipeline_updates_per_s"] > 0
     assert out["ratio"] == pytest.approx(

@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from actors.nstep import NStepAccumulator
+from apex_dqn.actors.nstep import NStepAccumulator
 from tests.fakes import FakeAtariVectorEnv
 from tests.runner import TrainRun as Run
 
@@ -94,8 +94,8 @@ def _restarted_pid(ray, shard, old_pid: int) -> int:
 
 
 def test_pusher_never_hangs_on_a_dead_shard_and_reaches_the_restarted_one(ray_local):
-    from actors.worker import BoundedPusher
-    from replay.worker import ReplayShardWorker
+    from apex_dqn.actors.worker import BoundedPusher
+    from apex_dqn.replay.worker import ReplayShardWorker
 
     ray = ray_local
     shard = ReplayShardWorker.options(num_cpus=0, max_restarts=-1).remote(2_000, 0.6, seed=0)
@@ -137,8 +137,8 @@ def test_pusher_never_hangs_on_a_dead_shard_and_reaches_the_restarted_one(ray_lo
 
 
 def test_sampler_skips_a_killed_shard_and_samples_it_again_once_refilled(ray_local):
-    from learner.pipeline import RaySampler
-    from replay.worker import ReplayShardWorker
+    from apex_dqn.learner.pipeline import RaySampler
+    from apex_dqn.replay.worker import ReplayShardWorker
 
     ray = ray_local
     shards = [

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import Config
+from apex_dqn.common.config import Config
 from tests.fakes import ToyAtariVectorEnv
-from train import run_serial
+from apex_dqn.train import run_serial
 
 
 def greedy_accuracy(net: torch.nn.Module, samples: int = 256) -> float:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from common import checkpoint
+from apex_dqn.common import checkpoint
 from tests.runner import TrainRun
 
 TINY = [

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import checkpoint
-from common.networks import build_network
+from apex_dqn.common import checkpoint
+from apex_dqn.common.networks import build_network
 from tests.runner import TrainRun
 
 pytestmark = [pytest.mark.ray, pytest.mark.rom]

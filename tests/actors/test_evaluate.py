@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from actors.evaluate import Evaluator, EvaluatorWorker, main
-from common import checkpoint
-from common.config import Config
-from common.networks import QNetwork, build_network, state_dict_to_numpy
-from common.video import decode_gif, read_video
-from learner.learning import Learner
+from apex_dqn.actors.evaluate import Evaluator, EvaluatorWorker, main
+from apex_dqn.common import checkpoint
+from apex_dqn.common.config import Config
+from apex_dqn.common.networks import QNetwork, build_network, state_dict_to_numpy
+from apex_dqn.common.video import decode_gif, read_video
+from apex_dqn.learner.learning import Learner
 
 pytestmark = [pytest.mark.rom, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.inference import InferenceNet, onednn_usable
-from common.networks import QNetwork, state_dict_to_numpy
+from apex_dqn.actors.inference import InferenceNet, onednn_usable
+from apex_dqn.common.networks import QNetwork, state_dict_to_numpy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from actors.nstep import NStepAccumulator
-from common.envs import FRAME_SHAPE, STACK
-from common.messages import ZERO_FRAME, TransitionChunk
+from apex_dqn.actors.nstep import NStepAccumulator
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.messages import ZERO_FRAME, TransitionChunk
 
 Z = ZERO_FRAME
 G = 0.5

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from actors import play
-from common import checkpoint
-from common.config import Config
-from common.video import read_video
-from learner.learning import Learner
+from apex_dqn.actors import play
+from apex_dqn.common import checkpoint
+from apex_dqn.common.config import Config
+from apex_dqn.common.video import read_video
+from apex_dqn.learner.learning import Learner
 
 pytestmark = pytest.mark.rom
 

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from common import checkpoint
-from common.checkpoint import CheckpointError, check_compatible, list_checkpoints, load, save
-from common.config import Config
+from apex_dqn.common import checkpoint
+from apex_dqn.common.checkpoint import CheckpointError, check_compatible, list_checkpoints, load, save
+from apex_dqn.common.config import Config
 
 
 def payload(step: int) -> dict:
@@ -190,7 +190,7 @@ def test_load_refuses_arbitrary_objects(tmp_path):
 
 
 def test_learner_state_survives_a_checkpoint(tmp_path, one_torch_thread):
-    from learner.learning import Learner, TorchBatch
+    from apex_dqn.learner.learning import Learner, TorchBatch
 
     cfg = Config(network="dqn2013", dueling=False, target_update_period=2)
     torch.manual_seed(0)

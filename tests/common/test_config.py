@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (
+from apex_dqn.common.config import (
     Config,
     ConfigError,
     build_parser,
@@ -193,7 +193,7 @@ def test_every_gymnasium_ale_id_normalizes_to_its_rom():
     import ale_py
     import gymnasium as gym
 
-    from common.envs import available_games
+    from apex_dqn.common.envs import available_games
 
     gym.register_envs(ale_py)
     roms = set(available_games())

@@ -13,8 +13,8 @@ pytest.importorskip("matplotlib")
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from common.config import Config
-from common.plot import load_run, main, moving_average
+from apex_dqn.common.config import Config
+from apex_dqn.common.plot import load_run, main, moving_average
 
 T0 = 1_600_000_000.0  # wall times in the past, as a real run's
 

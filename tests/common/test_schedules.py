@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from common.schedules import (
+from apex_dqn.common.schedules import (
     actor_epsilons,
     apex_epsilon,
     linear,

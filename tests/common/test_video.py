@@ -11,7 +11,7 @@ pytest.importorskip("PIL")
 
 from PIL import Image, ImageSequence
 
-from common.video import (
+from apex_dqn.common.video import (
     VideoError,
     check_video_path,
     decode_gif,

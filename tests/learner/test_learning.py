@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.config import Config
-from learner.learning import Learner, TorchBatch, double_dqn_targets, td_loss
+from apex_dqn.common.config import Config
+from apex_dqn.learner.learning import Learner, TorchBatch, double_dqn_targets, td_loss
 
 NUM_ACTIONS = 4
 

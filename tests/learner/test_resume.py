@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common import checkpoint
-from common.config import Config
-from learner.learning import Learner, TorchBatch, td_loss
+from apex_dqn.common import checkpoint
+from apex_dqn.common.config import Config
+from apex_dqn.learner.learning import Learner, TorchBatch, td_loss
 
 
 def _batch(seed: int, size: int = 8) -> TorchBatch:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors.nstep import NStepAccumulator
-from common.envs import STACK
-from common.messages import TransitionChunk
-from replay.shard import ReplayShard
+from apex_dqn.actors.nstep import NStepAccumulator
+from apex_dqn.common.envs import STACK
+from apex_dqn.common.messages import TransitionChunk
+from apex_dqn.replay.shard import ReplayShard
 from tests.fakes import FakeAtariVectorEnv
 
 

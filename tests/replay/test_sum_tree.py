@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from replay.sum_tree import SumTree
+from apex_dqn.replay.sum_tree import SumTree
 
 # Upper 0.1% point of the chi-square distribution with 15 degrees of freedom
 # (scipy.stats.chi2.ppf(0.999, 15)).

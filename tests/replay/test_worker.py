@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from tests.replay.recorder import RecordedStream
 
 pytestmark = pytest.mark.ray
 
 
 def test_shard_worker_add_sample_update(ray_local):
-    from learner.pipeline import RaySampler
-    from replay.worker import ReplayShardWorker
+    from apex_dqn.learner.pipeline import RaySampler
+    from apex_dqn.replay.worker import ReplayShardWorker
 
     ray = ray_local
     shard = ReplayShardWorker.options(num_cpus=0).remote(300, 0.6, seed=3)
