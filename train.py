@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from apex_dqn.common import checkpoint
 from apex_dqn.common.config import Config, ConfigError, from_args, resolve_auto, validate
 
@@ -190,12 +189,11 @@ REPROBE_S = 2.0  # seconds between asks whether a component that went down is ba
 class Driver:
     def __init__(self, cfg: Config, resume: dict | None):
         import ray
-        from torch.utils.tensorboard import SummaryWriter
-
         from apex_dqn.actors.worker import ActorWorker
         from apex_dqn.common.envs import num_actions
         from apex_dqn.learner.worker import LearnerWorker
         from apex_dqn.replay.worker import ReplayShardWorker
+        from torch.utils.tensorboard import SummaryWriter
 
         self._ray = ray
         self.cfg = cfg
@@ -580,7 +578,6 @@ def run_serial(cfg: Config, env, num_actions: int, steps: int, updates_per_step:
     ``weight_sync_period`` steps. Returns the learner and the actor.
     """
     import torch
-
     from apex_dqn.actors.actor import Actor
     from apex_dqn.actors.inference import InferenceNet
     from apex_dqn.common.networks import state_dict_to_numpy

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
 from apex_dqn.actors.inference import InferenceNet
 from apex_dqn.actors.nstep import NStepAccumulator
 from apex_dqn.common.config import Config

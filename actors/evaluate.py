@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from apex_dqn.common.config import Config, normalize_game
 from apex_dqn.common.envs import make_reference_env, make_vector_env
 from apex_dqn.common.networks import QNetwork, build_network, load_numpy_state

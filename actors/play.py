@@ -20,7 +20,6 @@ import sys
 from typing import Any
 
 import numpy as np
-
 from apex_dqn.common.config import Config, normalize_game
 from apex_dqn.common.protocol import ALE_FPS, EVAL_EPSILON, EVAL_MAX_EPISODE_FRAMES, EVAL_NOOP_MAX
 

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-
 from apex_dqn.actors.actor import Actor
 from apex_dqn.actors.inference import InferenceNet
 from apex_dqn.common.config import Config

@@ -47,7 +47,6 @@ class _Clock:
 def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
     """Raw env and actor in alternating rounds, so load changes hit both alike."""
     import ray
-
     from apex_dqn.actors.actor import Actor
     from apex_dqn.actors.inference import InferenceNet
     from apex_dqn.actors.worker import BoundedPusher
@@ -106,7 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import ray
-
     from apex_dqn.actors.inference import inference_dtype
     from apex_dqn.common.config import Config
 

@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-
 from apex_dqn.benchmarks import synthetic
 from apex_dqn.common.config import Config
 from apex_dqn.learner.learning import Learner, TorchBatch
@@ -86,7 +85,6 @@ def _shards(args, cfg: Config):
         return LocalSampler(shards, cfg.batch_size, seed=0), None
 
     import ray
-
     from apex_dqn.learner.pipeline import RaySampler
     from apex_dqn.replay.worker import ReplayShardWorker
 

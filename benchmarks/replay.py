@@ -51,7 +51,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-
 from apex_dqn.actors.nstep import NStepAccumulator
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
@@ -273,7 +272,6 @@ def measure_buffer(buffer, chunks: list[TransitionChunk], capacity: int, reps: i
 def measure_ray(chunks, capacity: int, shard_counts: list[int], prefetch: int, seconds: float):
     """Samples/s the learner's RaySampler receives from S shard processes, S in shard_counts."""
     import ray
-
     from apex_dqn.learner.pipeline import RaySampler
     from apex_dqn.replay.worker import ReplayShardWorker
 

@@ -29,7 +29,6 @@ import functools
 from typing import Any, Protocol
 
 import numpy as np
-
 from apex_dqn.common.config import Config
 
 FRAME_SHAPE = (84, 84)
@@ -104,7 +103,6 @@ def make_vector_env(cfg: Config, num_envs: int, threads: int = 1, lanes: int = 1
 def _gymnasium_id(game: str) -> str:
     """gymnasium's id for an ALE ROM: ``space_invaders`` -> ``ALE/SpaceInvaders-v5``."""
     import gymnasium as gym
-
     from apex_dqn.common.config import normalize_game
 
     for env_id in gym.registry:

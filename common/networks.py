@@ -15,9 +15,8 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
-
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
+from torch import nn
 
 # Per network: its convolutions as (out channels, kernel, stride), and its hidden width.
 CONVS = {

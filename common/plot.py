@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from apex_dqn.common.protocol import reference_scores
 
 TRAIN_TAG = "charts/episodic_return"

@@ -17,12 +17,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from apex_dqn.common.config import Config
 from apex_dqn.common.networks import build_network
 from apex_dqn.common.schedules import linear
+from torch import nn
+from torch.nn import functional as F
 
 
 @dataclass

@@ -11,7 +11,6 @@ import threading
 import time
 
 import torch
-
 from apex_dqn.learner.learning import Learner
 from apex_dqn.learner.pipeline import Prefetcher, Sampler
 

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-
 from apex_dqn.common.messages import SampledBatch
 from apex_dqn.learner.learning import TorchBatch
 from apex_dqn.replay.shard import ReplayShard, importance_weights

@@ -17,7 +17,6 @@ from typing import Any
 
 import ray
 import torch
-
 from apex_dqn.common.config import Config
 from apex_dqn.common.networks import state_dict_to_numpy
 from apex_dqn.learner.learning import Learner

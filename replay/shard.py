@@ -50,7 +50,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
 from apex_dqn.replay.sum_tree import SumTree

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 import ray
-
 from apex_dqn.common.config import BYTES_PER_TRANSITION
 from apex_dqn.common.messages import SampledBatch
 from apex_dqn.replay.shard import ReplayShard

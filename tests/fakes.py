@@ -14,7 +14,6 @@ were sent (the other batches' reset observations come first), with ``info["env_i
 from __future__ import annotations
 
 import numpy as np
-
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 
 

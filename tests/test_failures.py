@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-
 from apex_dqn.actors.nstep import NStepAccumulator
+
 from tests.fakes import FakeAtariVectorEnv
 from tests.runner import TrainRun as Run
 

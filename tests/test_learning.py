@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from apex_dqn.common.config import Config
-from tests.fakes import ToyAtariVectorEnv
 from apex_dqn.train import run_serial
+
+from tests.fakes import ToyAtariVectorEnv
 
 
 def greedy_accuracy(net: torch.nn.Module, samples: int = 256) -> float:

@@ -7,8 +7,8 @@ import signal
 import time
 
 import pytest
-
 from apex_dqn.common import checkpoint
+
 from tests.runner import TrainRun
 
 TINY = [

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from apex_dqn.actors.actor import Actor
 from apex_dqn.actors.inference import InferenceNet
 from apex_dqn.common.config import Config
 from apex_dqn.common.messages import ZERO_FRAME, TransitionChunk
 from apex_dqn.common.networks import QNetwork, state_dict_to_numpy
+
 from tests.fakes import FakeAtariVectorEnv
 
 NUM_ACTIONS = 6

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from apex_dqn.actors.evaluate import Evaluator, EvaluatorWorker, main
 from apex_dqn.common import checkpoint
 from apex_dqn.common.config import Config

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from apex_dqn.actors import play
 from apex_dqn.common import checkpoint
 from apex_dqn.common.config import Config

@@ -6,9 +6,14 @@ import copy
 
 import pytest
 import torch
-
 from apex_dqn.common import checkpoint
-from apex_dqn.common.checkpoint import CheckpointError, check_compatible, list_checkpoints, load, save
+from apex_dqn.common.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    list_checkpoints,
+    load,
+    save,
+)
 from apex_dqn.common.config import Config
 
 

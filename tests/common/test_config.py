@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from apex_dqn.common.config import (
     Config,
     ConfigError,
@@ -192,7 +191,6 @@ def test_normalize_game(given, expected):
 def test_every_gymnasium_ale_id_normalizes_to_its_rom():
     import ale_py
     import gymnasium as gym
-
     from apex_dqn.common.envs import available_games
 
     gym.register_envs(ale_py)

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from apex_dqn.common.config import Config, ConfigError, normalize_game, validate
-from apex_dqn.common.envs import FRAME_SHAPE, STACK, make_reference_env, make_vector_env, num_actions
+from apex_dqn.common.envs import (
+    FRAME_SHAPE,
+    STACK,
+    make_reference_env,
+    make_vector_env,
+    num_actions,
+)
 
 pytestmark = pytest.mark.rom
 

@@ -10,11 +10,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from PIL import Image
-from torch.utils.tensorboard import SummaryWriter
-
 from apex_dqn.common.config import Config
 from apex_dqn.common.plot import load_run, main, moving_average
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 
 T0 = 1_600_000_000.0  # wall times in the past, as a real run's
 

@@ -9,8 +9,6 @@ import pytest
 
 pytest.importorskip("PIL")
 
-from PIL import Image, ImageSequence
-
 from apex_dqn.common.video import (
     VideoError,
     check_video_path,
@@ -21,6 +19,7 @@ from apex_dqn.common.video import (
     read_video,
     write_video,
 )
+from PIL import Image, ImageSequence
 
 
 def distinct_frames(t: int, h: int = 42, w: int = 32) -> np.ndarray:

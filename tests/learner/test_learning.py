@@ -7,10 +7,9 @@ import io
 
 import pytest
 import torch
-from torch import nn
-
 from apex_dqn.common.config import Config
 from apex_dqn.learner.learning import Learner, TorchBatch, double_dqn_targets, td_loss
+from torch import nn
 
 NUM_ACTIONS = 4
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import apex_dqn.replay.shard as shard_module
 import numpy as np
 import pytest
-
-import apex_dqn.replay.shard as shard_module
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.messages import ZERO_FRAME, TransitionChunk
 from apex_dqn.replay.shard import ReplayShard
+
 from tests.replay.recorder import RecordedStream, check_shard, live_keys, zero_padding
 
 # Upper 0.1% point of the chi-square distribution with 19 degrees of freedom

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from apex_dqn.replay.sum_tree import SumTree
 
 # Upper 0.1% point of the chi-square distribution with 15 degrees of freedom

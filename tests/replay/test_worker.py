@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
+
 from tests.replay.recorder import RecordedStream
 
 pytestmark = pytest.mark.ray
