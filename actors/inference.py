@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.networks import QNetwork, conv_layers
 

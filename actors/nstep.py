@@ -27,6 +27,7 @@ sent, then ``observe(...)`` with what the env returned.
 from __future__ import annotations
 
 import numpy as np
+
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.messages import ZERO_FRAME, TransitionChunk
 

@@ -13,24 +13,26 @@
   until the driver points it at the restarted learner (``set_learner``).
 * Epsilons come from the actor's index alone (``population_epsilons``), so an actor that
   Ray restarts, or that the driver re-creates under the same index, explores as before.
-* It runs on a thread of its own (``max_concurrency=2``) so the driver can ``drain()``
-  its episodes and counters and ``stop()`` it while it runs.
+* Its Ray options are declared here (:func:`start_actor`): ``max_concurrency=2`` gives
+  ``run()`` a thread of its own, so the driver can ``drain()`` its episodes and counters
+  and ``stop()`` it while it runs (a lock keeps those between two steps).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections import deque
 from typing import Any
 
-import numpy as np
 import ray
 import torch
+
 from apex_dqn.actors.actor import Actor
 from apex_dqn.actors.inference import InferenceNet
 from apex_dqn.common.config import Config
 from apex_dqn.common.envs import make_vector_env
+from apex_dqn.common.inflight import InFlight
+from apex_dqn.common.messages import ActorReport, Placement
 from apex_dqn.common.schedules import population_epsilons
 
 
@@ -45,39 +47,78 @@ class BoundedPusher:
 
     def __init__(self, shard: Any, limit: int):
         self.shard, self.limit = shard, limit
-        self.in_flight: deque = deque()
+        self.in_flight: InFlight[None] = InFlight()
         self.acked = 0  # pushes the shard answered
         self.failed = 0  # pushes lost to a dead or restarting shard
 
     def __call__(self, chunk) -> None:
-        self.in_flight.append(self.shard.add.remote(chunk))
+        self.in_flight.add(self.shard.add.remote(chunk), None)
         excess = len(self.in_flight) - self.limit
         if excess > 0:
-            done, _ = ray.wait(list(self.in_flight), num_returns=excess)
-            self._settle(done)
+            self._settle(self.in_flight.take(timeout=None, num=excess))
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every push in flight to be answered (or ``timeout`` seconds)."""
-        if self.in_flight:
-            done, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight),
-                               timeout=timeout)  # fmt: skip
-            self._settle(done)
+        self._settle(self.in_flight.take(timeout=timeout))
 
     def _settle(self, done: list) -> None:
-        for ref in done:
+        for _, ref in done:
             try:
                 ray.get(ref)
                 self.acked += 1
             except ray.exceptions.RayError:
                 self.failed += 1
-        done = set(done)
-        self.in_flight = deque(r for r in self.in_flight if r not in done)
+
+
+class WeightPoller:
+    """``weights_source`` for an :class:`Actor`: the learner's newest weights, never waiting.
+
+    A two-stage poll, advanced one stage per call: ask the learner for its latest
+    ``(version, [ref])``; when the answer is in and names a version newer than the
+    actor's, fetch that ref; when the weights are in, return them. Every stage checks
+    readiness with ``ray.wait(timeout=0)``, so a slow or busy learner delays the weights,
+    never the actor. While the learner is dead each poll fails quietly and the actor acts
+    with the weights it has, until :meth:`set_learner` names the restarted one.
+    """
+
+    def __init__(self, learner: Any, current_version: Any):
+        self.learner = learner
+        self._current = current_version  # () -> the version the actor acts with
+        self._asked: Any = None  # latest_weights() in flight
+        self._fetching: tuple[int, Any] | None = None  # (version, weights ref) in flight
+
+    def set_learner(self, learner: Any) -> None:
+        self.learner, self._asked, self._fetching = learner, None, None
+
+    def __call__(self) -> tuple[int, dict] | None:
+        if self._fetching is not None:
+            version, ref = self._fetching
+            if not ray.wait([ref], timeout=0)[0]:
+                return None
+            self._fetching = None
+            try:
+                return version, ray.get(ref)
+            except ray.exceptions.RayError:  # its owner, the learner, died
+                return None
+        if self._asked is None:
+            self._asked = self.learner.latest_weights.remote()
+            return None
+        if not ray.wait([self._asked], timeout=0)[0]:
+            return None
+        try:
+            latest = ray.get(self._asked)
+        except ray.exceptions.RayActorError:  # the learner died: act on until set_learner
+            latest = None
+        self._asked = None
+        if latest is not None and latest[0] > self._current():
+            self._fetching = (latest[0], latest[1][0])
+        return None
 
 
 class ActorWorker:
     def __init__(self, cfg: Config, index: int, shard: Any, learner: Any, num_actions: int):
         torch.set_num_threads(cfg.actor_threads)
-        self.cfg, self.index, self.shard, self.learner = cfg, index, shard, learner
+        self.cfg, self.index = cfg, index
         seed = cfg.seed * 10_007 + index * 101 + int.from_bytes(os.urandom(2), "little")
         self.stream = int.from_bytes(os.urandom(7), "little")  # new for every incarnation
         env = make_vector_env(cfg, cfg.envs_per_actor, cfg.actor_threads, cfg.actor_lanes)
@@ -86,41 +127,13 @@ class ActorWorker:
             index, cfg.num_actors, cfg.max_actors, cfg.envs_per_actor, cfg.epsilon_spread
         )
         self._push = BoundedPusher(shard, cfg.max_pushes_in_flight)
-        self._version_ref: Any = None
-        self._weights: tuple[int, Any] | None = None
-        self.actor = Actor(cfg, index, env, policy, epsilons, self._push, self._poll_weights,
+        self._weights = WeightPoller(learner, lambda: self.actor.weights_version)
+        self.actor = Actor(cfg, index, env, policy, epsilons, self._push, self._weights,
                            stream=self.stream, seed=seed)  # fmt: skip
         self._stop = threading.Event()
         self._reported_steps = self._reported_failed = 0
         self._lock = threading.Lock()
 
-    # ------------------------------------------------------------------- Ray plumbing
-    def _poll_weights(self) -> tuple[int, dict] | None:
-        """Advance the non-blocking weight poll; return weights once they are here."""
-        if self._weights is not None:
-            version, ref = self._weights
-            if not ray.wait([ref], timeout=0)[0]:
-                return None
-            self._weights = None
-            try:
-                return version, ray.get(ref)
-            except ray.exceptions.RayError:  # its owner, the learner, died
-                return None
-        if self._version_ref is None:
-            self._version_ref = self.learner.latest_weights.remote()
-            return None
-        if not ray.wait([self._version_ref], timeout=0)[0]:
-            return None
-        try:
-            latest = ray.get(self._version_ref)
-        except ray.exceptions.RayActorError:  # the learner died: act on until set_learner
-            latest = None
-        self._version_ref = None
-        if latest is not None and latest[0] > self.actor.weights_version:
-            self._weights = (latest[0], latest[1][0])
-        return None
-
-    # ---------------------------------------------------------------------- remote API
     def run(self) -> None:
         """Step until ``stop()``; pulls the first weights before acting."""
         while self.actor.weights_version < 0 and not self._stop.is_set():
@@ -134,40 +147,48 @@ class ActorWorker:
     def stop(self) -> None:
         self._stop.set()
 
-    def where(self) -> dict[str, Any]:
-        """This actor's index, process, node and epsilons: for logs, and to find it."""
-        return {
-            "index": self.index,
-            "pid": os.getpid(),
-            "node": ray.get_runtime_context().get_node_id(),
-            "ip": ray.util.get_node_ip_address(),
-            "epsilons": self.actor.epsilons.tolist(),
-        }
+    def where(self) -> Placement:
+        return Placement.here(epsilons=tuple(self.actor.epsilons.tolist()))
 
     def set_learner(self, learner: Any) -> None:
         """Pull weights from a new learner (the driver restarted it)."""
         with self._lock:
-            self.learner = learner
-            self._version_ref = None
-            self._weights = None
+            self._weights.set_learner(learner)
             self.actor.weights_version = -1  # the new learner's versions start again
 
-    def drain(self) -> dict[str, Any]:
-        """Episodes finished, agent steps taken and pushes lost since the last drain, and
-        gauges."""
+    def drain(self) -> ActorReport:
+        """Episodes finished, agent steps taken and pushes lost since the last drain."""
         with self._lock:
             steps = self.actor.env_steps - self._reported_steps
             self._reported_steps = self.actor.env_steps
             failed = self._push.failed - self._reported_failed
             self._reported_failed = self._push.failed
-            times = vars(self.actor.times).copy()
-            return {
-                "index": self.index,
-                "episodes": self.actor.drain_episodes(),
-                "env_steps": steps,
-                "weights_version": self.actor.weights_version,
-                "epsilons": np.asarray(self.actor.epsilons),
-                "pushes_in_flight": len(self._push.in_flight),
-                "pushes_failed": failed,
-                "times": times,
-            }
+            return ActorReport(
+                index=self.index,
+                episodes=self.actor.drain_episodes(),
+                env_steps=steps,
+                weights_version=self.actor.weights_version,
+                pushes_in_flight=len(self._push.in_flight),
+                pushes_failed=failed,
+            )
+
+
+def start_actor(cfg: Config, index: int, shard: Any, learner: Any, num_actions: int) -> Any:
+    """Actor ``index`` as a Ray actor named ``actor-<index>``.
+
+    ``actor_threads`` CPUs (its emulators and inference run on that many threads);
+    SPREAD over nodes, so losing a node takes few of them; restarted by Ray on any node
+    with room (``max_restarts=-1``), under the same index and so with the same epsilons.
+    Raises ValueError while a dying actor still holds the name.
+    """
+    return (
+        ray.remote(ActorWorker)
+        .options(
+            name=f"actor-{index}",
+            num_cpus=cfg.actor_threads,
+            max_concurrency=2,  # run() on one thread; drain(), stop(), where() on the other
+            max_restarts=-1,
+            scheduling_strategy="SPREAD",
+        )
+        .remote(cfg, index, shard, learner, num_actions)
+    )

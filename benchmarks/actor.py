@@ -1,6 +1,6 @@
 """Actor throughput against the raw emulator, side by side in one run.
 
-    python -m benchmarks.actor [--envs 16] [--threads 1] [--lanes 1] [--seconds 20]
+    python -m apex_dqn.benchmarks.actor [--envs 16] [--threads 1] [--lanes 1] [--seconds 20]
 
 ``raw``: ale-py's vector env with the same envs, threads and preprocessing, random
 actions, nothing else. ``actor``: the real :class:`actors.actor.Actor` (forward pass
@@ -47,6 +47,7 @@ class _Clock:
 def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
     """Raw env and actor in alternating rounds, so load changes hit both alike."""
     import ray
+
     from apex_dqn.actors.actor import Actor
     from apex_dqn.actors.inference import InferenceNet
     from apex_dqn.actors.worker import BoundedPusher
@@ -86,8 +87,8 @@ def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
         act.round(lambda: actor.run(1), k, seconds / rounds)
     raw_env.close()
     steps = act.steps
-    ray.get(list(pusher.in_flight))
-    stored = ray.get(shard.stats.remote())["added"]
+    pusher.flush()
+    stored = ray.get(shard.stats.remote()).added
     per_step = {f"ms_per_step_{key}": 1e3 * v / (steps / k) for key, v in vars(actor.times).items()}
     return raw.rates(), {**act.rates(), "stored": stored, **per_step}
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import ray
+
     from apex_dqn.actors.inference import inference_dtype
     from apex_dqn.common.config import Config
 

@@ -1,7 +1,8 @@
 """Learner updates/s: synthetic in-memory batches against batches from real replay shards.
 
-    python -m benchmarks.learner [--device auto] [--batch-size N] [--shards 2] [--seconds 20]
-    python -m benchmarks.learner --device cuda --batch-size 512 --local   # GPU box, no Ray
+    python -m apex_dqn.benchmarks.learner [--device auto] [--batch-size N] [--shards 2]
+                                          [--seconds 20]
+    python -m apex_dqn.benchmarks.learner --device cuda --batch-size 512 --local   # GPU box, no Ray
 
 ``synthetic``: the train step (:meth:`Learner.update`) on one batch already on the
 device, repeated: the ceiling. ``pipeline``: the same learner fed by the real input
@@ -20,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+
 from apex_dqn.benchmarks import synthetic
 from apex_dqn.common.config import Config
 from apex_dqn.learner.learning import Learner, TorchBatch
@@ -85,6 +87,7 @@ def _shards(args, cfg: Config):
         return LocalSampler(shards, cfg.batch_size, seed=0), None
 
     import ray
+
     from apex_dqn.learner.pipeline import RaySampler
     from apex_dqn.replay.worker import ReplayShardWorker
 

@@ -1,7 +1,7 @@
 """Replay benchmark: memory, insert rate, sample and update latency, sharded throughput.
 
-    python -m benchmarks.replay            # capacity 200k, naive 20k, Ray shards of 50k
-    python -m benchmarks.replay --quick    # a small smoke run
+    python -m apex_dqn.benchmarks.replay            # capacity 200k, naive 20k, Ray shards of 50k
+    python -m apex_dqn.benchmarks.replay --quick    # a small smoke run
 
 Chunks are made the way actors make them: ``NStepAccumulator`` over ``--streams`` actors of
 ``--envs`` envs each, pushing every ``--push-period`` steps, episodes ending at random
@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from apex_dqn.actors.nstep import NStepAccumulator
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
@@ -272,6 +273,7 @@ def measure_buffer(buffer, chunks: list[TransitionChunk], capacity: int, reps: i
 def measure_ray(chunks, capacity: int, shard_counts: list[int], prefetch: int, seconds: float):
     """Samples/s the learner's RaySampler receives from S shard processes, S in shard_counts."""
     import ray
+
     from apex_dqn.learner.pipeline import RaySampler
     from apex_dqn.replay.worker import ReplayShardWorker
 
@@ -298,7 +300,7 @@ def measure_ray(chunks, capacity: int, shard_counts: list[int], prefetch: int, s
                 ray.get(pending)
                 pending = []
         ray.get(pending)
-        sizes = [s["size"] for s in ray.get([shard.stats.remote() for shard in shards])]
+        sizes = [s.size for s in ray.get([shard.stats.remote() for shard in shards])]
         log(f"  ray: {len(shards)} shards filled to {sizes} in {time.perf_counter() - t0:.1f}s")
         results = {}
         for count in shard_counts:
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     shard = ReplayShard(args.capacity, ALPHA, seed=args.seed)
     ours = measure_buffer(shard, enough(args.capacity), args.capacity, args.reps, args.seed)
     stats = shard.stats()
-    frames_per_transition = stats["frames_used"] / len(shard)
+    frames_per_transition = stats.frames_used / len(shard)
     log(f"ours  (capacity {args.capacity:,}): {json.dumps(_rounded(ours))}")
     del shard
     gc.collect()
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
             "naive_capacity": args.naive_capacity,
             "ray_capacity_per_shard": args.ray_capacity,
             "frames_per_transition": frames_per_transition,
-            "dropped": stats["dropped"],
+            "dropped": stats.dropped,
             "streams": args.streams,
             "envs_per_stream": args.envs,
             "push_period": args.push_period,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+
 from apex_dqn.actors.nstep import NStepAccumulator
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.messages import TransitionChunk

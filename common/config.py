@@ -3,7 +3,8 @@
 Every field has a type, a default and a one-line help text; the command line of
 ``train.py`` is generated from these fields, so ``python train.py --help`` always
 documents every setting. ``0`` on the fields marked *auto* means "size it for the
-machine" and is resolved once, by :func:`resolve_auto`, before validation.
+machine" (or, for ``lr`` and ``optimizer_eps``, "the chosen optimizer's default") and is
+resolved once, by :func:`resolve_auto`, before validation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,31 @@ from typing import Any
 
 NETWORKS = ("nature", "dqn2013")
 DEVICES = ("auto", "cpu", "cuda")
-OPTIMIZERS = ("adam", "rmsprop")
+
+
+@dataclass(frozen=True)
+class OptimizerDefaults:
+    """What ``--lr 0`` and ``--optimizer-eps 0`` (auto) become for one optimizer."""
+
+    lr: float
+    eps: float
+
+
+# The settings each optimizer gets unless --lr or --optimizer-eps is given. RMSProp's are
+# those of Ape-X (Horgan et al. 2018, centred RMSProp: learning rate 0.00025/4, decay 0.95,
+# epsilon 1.5e-7, no momentum). torch adds eps outside the square root and DeepMind's
+# implementations add it inside: see learner.learning.build_optimizer for the relation.
+# Adam's epsilon 1.5e-4 is Rainbow's (Hessel et al. 2018).
+OPTIMIZER_DEFAULTS: dict[str, OptimizerDefaults] = {
+    "adam": OptimizerDefaults(lr=1e-4, eps=1.5e-4),
+    "rmsprop": OptimizerDefaults(lr=0.00025 / 4, eps=1.5e-7),
+}
+OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
+# Centred RMSProp's decay of both running averages, E[g] and E[g^2]: 0.95 in Mnih et al.
+# 2015 (their "gradient momentum" and "squared gradient momentum") and in Ape-X.
+RMSPROP_ALPHA = 0.95
+# Settings that earlier versions saved under another name, as read back by Config.from_dict.
+RENAMED = {"adam_eps": "optimizer_eps"}
 EPSILON_SPREADS = ("env", "actor")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -47,6 +72,11 @@ class ConfigError(ValueError):
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
+
+
+def _by_optimizer(setting: str) -> str:
+    """``adam 0.0001, rmsprop 6.25e-05`` for ``setting="lr"``: the auto values, for --help."""
+    return ", ".join(f"{k} {getattr(v, setting):g}" for k, v in OPTIMIZER_DEFAULTS.items())
 
 
 @dataclass(frozen=True)
@@ -96,9 +126,11 @@ class Config:
     n_step: int = _f(3, "steps in the multi-step return")
     gamma: float = _f(0.99, "discount factor per agent step")
     batch_size: int = _f(0, "learner minibatch (0 = auto: 512 on a GPU, 64 on a CPU)")
-    optimizer: str = _f("adam", "optimizer", choices=OPTIMIZERS)
-    lr: float = _f(1e-4, "learning rate")
-    adam_eps: float = _f(1.5e-4, "Adam epsilon (RMSProp uses it too)")
+    optimizer: str = _f("adam", "optimizer (rmsprop: centred, as in Ape-X)", choices=OPTIMIZERS)
+    lr: float = _f(0.0, f"learning rate (0 = auto: {_by_optimizer('lr')})")
+    optimizer_eps: float = _f(
+        0.0, f"epsilon in the optimizer's denominator (0 = auto: {_by_optimizer('eps')})"
+    )
     grad_clip: float = _f(40.0, "clip the gradient norm to this")
     target_update_period: int = _f(2_000, "learner updates between target-network copies")
     publish_period: int = _f(25, "learner updates between weight broadcasts to actors")
@@ -130,6 +162,18 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Config:
+        """A config saved by :meth:`to_dict`, by this version or an earlier one.
+
+        Settings saved under an earlier name (:data:`RENAMED`, e.g. ``adam_eps``) are read
+        under their present one; settings this version no longer knows are dropped.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {RENAMED[k]: v for k, v in saved.items() if k in RENAMED}
+        values.update(saved)  # a setting saved under its present name wins
+        return cls(**{k: v for k, v in values.items() if k in names})
+
     @property
     def frames_per_step(self) -> int:
         return self.frame_skip
@@ -147,7 +191,8 @@ def normalize_game(game: str) -> str:
 
 
 def resolve_auto(cfg: Config, *, cpus: int, gpus: int, memory_bytes: int) -> Config:
-    """Fill the fields left at 0 (auto) from the resources Ray reports."""
+    """Fill the fields left at 0 (auto): sizes from the resources Ray reports, and the
+    optimizer's settings by :func:`resolve_optimizer`."""
     changes: dict[str, Any] = {"game": normalize_game(cfg.game)}
     if cfg.num_actors == 0:
         changes["num_actors"] = max(1, cpus - 1)
@@ -168,7 +213,21 @@ def resolve_auto(cfg: Config, *, cpus: int, gpus: int, memory_bytes: int) -> Con
         changes["logdir"] = os.path.join(
             "runs", f"{changes['game']}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-    return cfg.replace(**changes)
+    return resolve_optimizer(cfg.replace(**changes))
+
+
+def resolve_optimizer(cfg: Config) -> Config:
+    """``cfg`` with ``lr`` and ``optimizer_eps`` left at 0 (auto) set to the defaults of
+    ``cfg.optimizer`` (:data:`OPTIMIZER_DEFAULTS`); values given explicitly are kept.
+
+    The one place those defaults are applied: :func:`resolve_auto` calls it, so the run's
+    config table and checkpoints show the values in effect, and the learner calls it, so
+    a config built in code without :func:`resolve_auto` gets the same optimizer.
+    """
+    defaults = OPTIMIZER_DEFAULTS.get(cfg.optimizer)
+    if defaults is None:  # an unknown optimizer is reported by validate()
+        return cfg
+    return cfg.replace(lr=cfg.lr or defaults.lr, optimizer_eps=cfg.optimizer_eps or defaults.eps)
 
 
 def _positive(cfg: Config, *names: str, allow_zero: bool = False) -> None:
@@ -199,9 +258,15 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
         "frame_skip", "max_episode_frames", "envs_per_actor", "push_period",
         "max_pushes_in_flight", "weight_sync_period", "actor_threads", "actor_lanes", "n_step",
         "target_update_period", "publish_period", "prefetch_batches", "total_frames",
-        "log_interval_s", "checkpoint_interval_s", "keep_checkpoints", "lr", "adam_eps",
-        "grad_clip", "beta_anneal_updates",
+        "log_interval_s", "checkpoint_interval_s", "keep_checkpoints", "grad_clip",
+        "beta_anneal_updates",
     )  # fmt: skip
+    for name in ("lr", "optimizer_eps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(
+                f"--{_flag(name)}={getattr(cfg, name)} is invalid: must be a positive number, "
+                "or 0 for the optimizer's default"
+            )
     _positive(
         cfg, "noop_max", "replay_min_size", "priority_alpha", "seed", "eval_interval_s",
         allow_zero=True,

@@ -29,6 +29,7 @@ import functools
 from typing import Any, Protocol
 
 import numpy as np
+
 from apex_dqn.common.config import Config
 
 FRAME_SHAPE = (84, 84)
@@ -71,8 +72,10 @@ def num_actions(game: str) -> int:
 def make_vector_env(cfg: Config, num_envs: int, threads: int = 1, lanes: int = 1) -> Any:
     """ale-py's vector env with the DQN preprocessing and the config's protocol.
 
-    With ``lanes > 1`` the env is asynchronous: ``recv`` returns one lane of
-    ``num_envs / lanes`` envs at a time, in the order their actions were sent.
+    With ``lanes > 1`` the env is asynchronous: ``recv`` returns ``num_envs / lanes``
+    envs at a time (``info["env_id"]`` says which): with one emulator thread one lane,
+    in the order the actions were sent; with more, whichever envs finished first, mixed
+    across lanes and in any order (the actor regroups them, ``actors/actor.py``).
     """
     from ale_py.vector_env import AtariVectorEnv
 
@@ -103,6 +106,7 @@ def make_vector_env(cfg: Config, num_envs: int, threads: int = 1, lanes: int = 1
 def _gymnasium_id(game: str) -> str:
     """gymnasium's id for an ALE ROM: ``space_invaders`` -> ``ALE/SpaceInvaders-v5``."""
     import gymnasium as gym
+
     from apex_dqn.common.config import normalize_game
 
     for env_id in gym.registry:

@@ -15,8 +15,9 @@ import warnings
 
 import numpy as np
 import torch
-from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from torch import nn
+
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
 
 # Per network: its convolutions as (out channels, kernel, stride), and its hidden width.
 CONVS = {

@@ -14,14 +14,16 @@ online network, refreshed every ``target_update_period`` updates.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from apex_dqn.common.config import Config
-from apex_dqn.common.networks import build_network
-from apex_dqn.common.schedules import linear
 from torch import nn
 from torch.nn import functional as F
+
+from apex_dqn.common.config import RMSPROP_ALPHA, Config, resolve_optimizer
+from apex_dqn.common.networks import build_network
+from apex_dqn.common.schedules import linear
 
 
 @dataclass
@@ -56,20 +58,45 @@ def td_loss(
     return loss, delta.detach().abs(), q.detach()
 
 
+def build_optimizer(params: Iterable[nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, with ``cfg.lr`` and ``cfg.optimizer_eps`` (resolved).
+
+    ``rmsprop`` is torch's centred RMSProp without momentum. For a gradient g it keeps,
+    with alpha = :data:`RMSPROP_ALPHA` = 0.95,
+
+        v     <- alpha * v     + (1 - alpha) * g^2          (E[g^2])
+        g_bar <- alpha * g_bar + (1 - alpha) * g            (E[g])
+        theta <- theta - lr * g / (sqrt(v - g_bar^2) + eps)
+
+    so alpha is the decay the papers call "squared gradient momentum" and "gradient
+    momentum" (both 0.95), and eps is added outside the square root. DeepMind's Lua DQN
+    (Mnih et al. 2015, "min squared gradient" 0.01) and TensorFlow's centred RMSProp add
+    it inside, dividing by sqrt(v - g_bar^2 + e). The two agree up to a factor of at most
+    sqrt(2) when eps = sqrt(e), since sqrt(x + e) <= sqrt(x) + sqrt(e) <= sqrt(2(x + e)):
+    Nature's 0.01 inside is eps = 0.1 here. The default eps, Ape-X's 1.5e-7 (Horgan et al.
+    2018), is used as torch's eps; were it meant inside the root, the matching value here
+    would be sqrt(1.5e-7) ~= 3.9e-4, which ``--optimizer-eps`` can give.
+    """
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.optimizer_eps)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=cfg.lr, alpha=RMSPROP_ALPHA, eps=cfg.optimizer_eps, centered=True
+        )
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
 class Learner:
     """Owns the online and target networks and the optimizer; one ``update`` per batch."""
 
     def __init__(self, cfg: Config, num_actions: int, device: str | torch.device = "cpu"):
+        # Settings left at auto take the optimizer's defaults, as they do in a run.
+        cfg = resolve_optimizer(cfg)
         self.cfg = cfg
         self.device = torch.device(device)
         self.online = build_network(num_actions, cfg.network, cfg.dueling).to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        if cfg.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
-        else:  # centred RMSProp, as in Mnih et al. 2015 and Ape-X
-            self.optimizer = torch.optim.RMSprop(
-                self.online.parameters(), lr=cfg.lr, alpha=0.95, eps=cfg.adam_eps, centered=True
-            )
+        self.optimizer = build_optimizer(self.online.parameters(), cfg)
         self.updates = 0
         self._forward = torch.compile(self.online) if cfg.compile else self.online
         self._amp = cfg.amp

@@ -11,6 +11,7 @@ import threading
 import time
 
 import torch
+
 from apex_dqn.learner.learning import Learner
 from apex_dqn.learner.pipeline import Prefetcher, Sampler
 

@@ -12,23 +12,38 @@ batch are correlated by shard, not biased). ``P(s)`` uses the shard totals last 
 the importance weights ``(N * P(s) * p_i / total_s) ** -beta`` are computed with the
 P(s) actually used to choose the shard; N is the sum of the shard sizes last seen.
 
+The weights are normalised as in one unsharded replay: by the largest weight of the whole
+replay, that of its least-priority item, ``(N * p_min / total) ** -beta`` with p_min the
+least of the shards' least live priorities (last seen; the batch's own shard reports its
+own with the batch). So
+
+    w_i = (P(i) * total / p_min) ** -beta,
+
+one constant for every batch whatever shard it came from. Normalising each batch by its
+own maximum instead would cancel P(s): a batch of a high-mass shard would be weighted as
+if its shard were the whole replay, i.e. more than one unsharded replay weights it.
+
 ``Prefetcher`` runs the sampler on a background thread and turns batches into device
-tensors (pinned memory and non-blocking copies on CUDA) into a small bounded queue, so
-the train step finds its next batch ready.
+tensors (pinned memory and non-blocking copies on a side CUDA stream) into a small
+bounded queue, so the train step finds its next batch ready; ``hand_over`` makes a
+batch safe to read on the train step's stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 import warnings
-from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from apex_dqn.common.inflight import InFlight
 from apex_dqn.common.messages import SampledBatch
 from apex_dqn.learner.learning import TorchBatch
 from apex_dqn.replay.shard import ReplayShard, importance_weights
@@ -56,8 +71,23 @@ def _choose(totals: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
     return s, float(p[s])
 
 
-def _global_weights(batch: SampledBatch, shard_prob: float, size: int, beta: float) -> np.ndarray:
-    return importance_weights(batch.probs * shard_prob, max(size, batch.shard_size), beta)
+def _least_priority(batch: SampledBatch) -> float:
+    """The shard's least live priority when it drew ``batch``: the one it reported, or
+    the least among the batch's own items if that is lower (or none was reported), since
+    the shard's minimum is at most the priority of any item it holds."""
+    return min(batch.shard_min, float((batch.probs * batch.shard_total).min()))
+
+
+def _global_weights(
+    batch: SampledBatch, shard_prob: float, mass: float, min_priority: float, size: int,
+    beta: float,
+) -> np.ndarray:  # fmt: skip
+    """Weights of ``batch`` over all shards: ``P(i) = shard_prob * probs_i``, normalised
+    by the replay's largest weight, that of ``P_min = min_priority / mass``; ``mass`` is
+    the total of the shard masses ``shard_prob`` was computed from."""
+    return importance_weights(
+        batch.probs * shard_prob, max(size, batch.shard_size), beta, min_priority / mass
+    )
 
 
 class LocalSampler:
@@ -72,14 +102,27 @@ class LocalSampler:
 
     def draw(self, beta: float) -> Drawn | None:
         totals = np.array([s.total_priority for s in self.shards])
-        if totals.sum() <= 0:
+        mass = totals.sum()
+        if mass <= 0:
             return None
         s, prob = _choose(totals, self.rng)
         batch = self.shards[s].sample(self.batch_size, beta)
-        return Drawn(s, batch, _global_weights(batch, prob, self.replay_size(), beta))
+        least = min(sh.min_priority for sh, t in zip(self.shards, totals, strict=True) if t > 0)
+        weights = _global_weights(batch, prob, mass, least, self.replay_size(), beta)
+        return Drawn(s, batch, weights)
 
     def update_priorities(self, shard: int, keys: np.ndarray, priorities: np.ndarray) -> None:
         self.shards[shard].update_priorities(keys, priorities)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A sample request in flight: its shard, the probability it was chosen with, and
+    the total mass that probability was a share of."""
+
+    shard: int
+    prob: float
+    mass: float
 
 
 class RaySampler:
@@ -92,6 +135,10 @@ class RaySampler:
     shard is asked for its size and mass without waiting for the answer, so a restarted
     shard is sampled again once it holds data. Requests, stats calls and priority updates
     in flight are each bounded.
+
+    Per shard it keeps the total mass, the size and the least live priority last seen
+    (from its stats, and from every batch it serves); a shard marked down counts for
+    none of them.
     """
 
     def __init__(self, shards: list[Any], batch_size: int, prefetch: int, seed: int = 0,
@@ -104,48 +151,51 @@ class RaySampler:
         self.rng = np.random.default_rng(seed)
         self.totals = np.zeros(len(shards))
         self.sizes = np.zeros(len(shards), dtype=np.int64)
+        self.mins = np.full(len(shards), np.inf)  # least live priority; inf: none known
         self.failures = 0  # sample requests that failed: a shard died or was empty
-        self._requests: dict[Any, tuple[int, float]] = {}
-        self._stats: dict[Any, int] = {}  # stats call in flight -> shard, at most one each
+        self._requests: InFlight[_Request] = InFlight()  # at most ``prefetch``
+        self._stats: InFlight[int] = InFlight()  # tagged by shard, at most one each
         self._asked = float("-inf")
-        self._updates: deque = deque()
+        self._updates: InFlight[int] = InFlight()  # shard of each update in flight
         self._max_updates = max_updates_in_flight
         self.refresh()
 
     # ------------------------------------------------------------------ shard stats
     def _ask_stats(self) -> None:
-        asking = set(self._stats.values())
+        asking = set(self._stats)
         for s, shard in enumerate(self.shards):
             if s not in asking:
-                self._stats[shard.stats.remote()] = s
+                self._stats.add(shard.stats.remote(), s)
         self._asked = time.monotonic()
 
-    def _read_stats(self, ready: list) -> None:
-        for ref in ready:
-            s = self._stats.pop(ref)
+    def _mark_down(self, s: int) -> None:
+        self.totals[s], self.sizes[s], self.mins[s] = 0.0, 0, np.inf
+
+    def _read_stats(self, answered: list[tuple[int, Any]]) -> None:
+        for s, ref in answered:
             try:
                 stats = self._ray.get(ref)
-                self.totals[s], self.sizes[s] = stats["total_priority"], stats["size"]
             except self._ray.exceptions.RayError:  # down or restarting: not sampled
-                self.totals[s], self.sizes[s] = 0.0, 0
+                self._mark_down(s)
+                continue
+            self.totals[s], self.sizes[s] = stats.total_priority, stats.size
+            self.mins[s] = stats.min_priority
 
     def _poll_stats(self) -> None:
         """Take the stats answers that are in, and ask again when due. Never waits."""
         if time.monotonic() - self._asked >= self.refresh_s:
             self._ask_stats()
-        if self._stats:
-            ready, _ = self._ray.wait(list(self._stats), num_returns=len(self._stats), timeout=0)
-            self._read_stats(ready)
+        self._read_stats(self._stats.take(timeout=0))
 
     def refresh(self, timeout: float = 30.0) -> None:
-        """Ask every shard for its size and mass; wait up to ``timeout`` s for the answers.
+        """Ask every shard for its size, mass and least priority; wait up to ``timeout`` s
+        for the answers.
 
         A shard that does not answer in time keeps its last known numbers; its answer is
         taken later by ``draw``.
         """
         self._ask_stats()
-        ready, _ = self._ray.wait(list(self._stats), num_returns=len(self._stats), timeout=timeout)
-        self._read_stats(ready)
+        self._read_stats(self._stats.take(timeout=timeout))
 
     def replay_size(self) -> int:
         return int(self.sizes.sum())
@@ -160,30 +210,37 @@ class RaySampler:
 
     # --------------------------------------------------------------------- sampling
     def _fill(self, beta: float) -> None:
-        while len(self._requests) < self.prefetch and self.totals.sum() > 0:
+        while len(self._requests) < self.prefetch and (mass := self.totals.sum()) > 0:
             s, prob = _choose(self.totals, self.rng)
             ref = self.shards[s].sample.remote(self.batch_size, beta)
-            self._requests[ref] = (s, prob)
+            self._requests.add(ref, _Request(s, prob, float(mass)))
+
+    def _least_priority(self) -> float:
+        """The least live priority over the shards not marked down, as last seen."""
+        return float(self.mins[self.totals > 0].min(initial=np.inf))
 
     def draw(self, beta: float, timeout: float = 1.0) -> Drawn | None:
         self._poll_stats()
         self._fill(beta)
-        if not self._requests:
+        answered = self._requests.take(timeout=timeout, num=1)
+        if not answered:
             return None
-        ready, _ = self._ray.wait(list(self._requests), num_returns=1, timeout=timeout)
-        if not ready:
-            return None
-        s, prob = self._requests.pop(ready[0])
+        request, ref = answered[0]
+        s = request.shard
         try:
-            batch: SampledBatch = self._ray.get(ready[0])
+            batch: SampledBatch = self._ray.get(ref)
         except self._ray.exceptions.RayError:
             # Shard down, restarting or empty: skip it until its stats show data again.
-            self.totals[s], self.sizes[s] = 0.0, 0
+            self._mark_down(s)
             self.failures += 1
             return None
         self.totals[s], self.sizes[s] = batch.shard_total, batch.shard_size
+        self.mins[s] = _least_priority(batch)
         self._fill(beta)
-        return Drawn(s, batch, _global_weights(batch, prob, self.replay_size(), beta))
+        weights = _global_weights(
+            batch, request.prob, request.mass, self._least_priority(), self.replay_size(), beta
+        )
+        return Drawn(s, batch, weights)
 
     def update_priorities(self, shard: int, keys: np.ndarray, priorities: np.ndarray) -> None:
         """Send and forget; only waits if ``max_updates_in_flight`` are unanswered.
@@ -192,11 +249,9 @@ class RaySampler:
         """
         if self.totals[shard] <= 0:
             return
-        self._updates.append(self.shards[shard].update_priorities.remote(keys, priorities))
+        self._updates.add(self.shards[shard].update_priorities.remote(keys, priorities), shard)
         if len(self._updates) >= self._max_updates:
-            done, _ = self._ray.wait(list(self._updates), num_returns=len(self._updates) // 2)
-            done = set(done)
-            self._updates = deque(r for r in self._updates if r not in done)
+            self._updates.take(timeout=None, num=len(self._updates) // 2)
 
 
 def to_torch(drawn: Drawn, device: torch.device) -> TorchBatch:
@@ -222,10 +277,36 @@ def to_torch(drawn: Drawn, device: torch.device) -> TorchBatch:
     )
 
 
+def hand_over(batch: TorchBatch, copied: torch.cuda.Event, consumer: torch.cuda.Stream) -> None:
+    """Make ``batch``, copied to the device on a side stream, safe to use on ``consumer``.
+
+    Two orderings are needed. (1) The consumer's kernels must not read the batch before
+    its copies have landed: ``consumer`` waits for the event recorded after them. (2) The
+    batch's memory must not be reused before the consumer's kernels are done with it. The
+    tensors were allocated on the side stream, and PyTorch's caching allocator ties a
+    freed block to the stream it was allocated on: as soon as the last reference to a
+    tensor goes, which is right after the train step was *queued* (long before the GPU
+    ran it), the block is handed to the next allocation on the side stream, the next
+    batch's copy, and that copy may run while the train step queued on ``consumer``
+    still reads the old data. ``record_stream(consumer)`` tells the allocator the block
+    is in use on ``consumer`` too, so it is reused only once the work queued there by
+    the time the tensor is freed has finished. (The pinned host buffers need nothing:
+    the host allocator keeps each one until the copy that read it is done.)
+    """
+    consumer.wait_event(copied)
+    for field in fields(batch):
+        getattr(batch, field.name).record_stream(consumer)
+
+
+_FAILED = object()  # put in the queue by a failed prefetch thread, to wake get()
+
+
 class Prefetcher:
     """A background thread that keeps up to ``depth`` device batches ready."""
 
-    def __init__(self, sampler: Sampler, device: torch.device, beta_fn, depth: int = 2):
+    def __init__(
+        self, sampler: Sampler, device: torch.device, beta_fn: Callable[[], float], depth: int = 2
+    ):
         self.sampler, self.device, self.beta_fn = sampler, device, beta_fn
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -256,18 +337,28 @@ class Prefetcher:
                         continue
         except BaseException as exc:  # surfaced to the consumer by get()
             self.error = exc
+            # Wake a consumer waiting in get(); a full queue means none is waiting.
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_FAILED)
 
     def get(self, timeout: float = 1.0) -> tuple[Drawn, TorchBatch] | None:
-        """The next ready batch, or None if none came within ``timeout`` seconds."""
-        if self.error is not None:
-            raise RuntimeError("the batch prefetcher failed") from self.error
-        try:
-            drawn, tb, event = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-        return drawn, tb
+        """The next ready batch, or None if none came within ``timeout`` seconds.
+
+        Raises ``RuntimeError`` (from the thread's error) once the prefetch thread failed.
+        On CUDA the batch is handed over to the calling thread's current stream
+        (:func:`hand_over`), the stream the train step will read it on.
+        """
+        if self.error is None:
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            if item is not _FAILED:
+                drawn, tb, event = item
+                if event is not None:
+                    hand_over(tb, event, torch.cuda.current_stream(self.device))
+                return drawn, tb
+        raise RuntimeError("the batch prefetcher failed") from self.error
 
     def close(self) -> None:
         self._stop.set()

@@ -4,20 +4,22 @@
 runs :class:`TrainLoop` steps (ready batches in, priorities back to their shards), and
 every ``publish_period`` updates puts a CPU copy of the weights in Ray's object store
 as ``(version, [ref])``. ``latest_weights()``, ``stats()`` and ``state()``
-are served concurrently (``max_concurrency``), so actors and the driver never wait for a
-training step, and a checkpoint's state is taken between two updates, under a lock.
+are served concurrently (``max_concurrency``, declared in :func:`start_learner`), so
+actors and the driver never wait for a training step, and a checkpoint's state is taken
+between two updates, under a lock.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
 
 import ray
 import torch
+
 from apex_dqn.common.config import Config
+from apex_dqn.common.messages import LearnerStats, Placement
 from apex_dqn.common.networks import state_dict_to_numpy
 from apex_dqn.learner.learning import Learner
 from apex_dqn.learner.loop import TrainLoop
@@ -81,33 +83,51 @@ class LearnerWorker:
     def stop(self) -> None:
         self._stop.set()
 
-    def where(self) -> str:
-        """This learner's process and node, for logs."""
-        node = ray.get_runtime_context().get_node_id()
-        return f"pid {os.getpid()} on {ray.util.get_node_ip_address()} node {node} ({self.device})"
+    def where(self) -> Placement:
+        return Placement.here(str(self.device))
 
     def latest_weights(self) -> tuple[int, list] | None:
         return self._published
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> LearnerStats:
         """Means of the train metrics since the last call, and counters."""
         with self._lock:
             sums, count = self._sums, self._count
             self._sums, self._count = {}, 0
-        out = {k: float(v) / count for k, v in sums.items()} if count else {}
-        out.update(
+        metrics = {k: float(v) / count for k, v in sums.items()} if count else {}
+        metrics.update({f"sampler/{k}_in_flight": v for k, v in self.sampler.in_flight().items()})
+        metrics["sampler/failed_requests"] = self.sampler.failures
+        return LearnerStats(
             updates=self.learner.updates,
             updates_since=count,
             beta=self.learner.beta,
             replay_size=self.sampler.replay_size(),
             weights_version=self._published[0] if self._published else -1,
             input_wait_s=self._loop.waiting_s if self._loop else 0.0,
+            metrics=metrics,
         )
-        out.update({f"sampler/{k}_in_flight": v for k, v in self.sampler.in_flight().items()})
-        out["sampler/failed_requests"] = self.sampler.failures
-        return out
 
     def state(self) -> dict:
         """The learner's full state on the CPU, taken between two updates."""
         with self._lock:
             return _to_cpu(self.learner.state_dict())
+
+
+def start_learner(cfg: Config, shards: list[Any], num_actions: int, state: dict | None) -> Any:
+    """The learner as a Ray actor, from ``state`` (a checkpoint's) or from scratch.
+
+    1 CPU (its train loop keeps a core busy) and 1 GPU with ``--device cuda``; default
+    placement, so it sits on the driver's node when that node has room. Ray does not
+    restart it (``max_restarts=0``): the driver does, from the newest checkpoint,
+    because a blank learner would throw the run's learning away.
+    """
+    return (
+        ray.remote(LearnerWorker)
+        .options(
+            num_cpus=1,
+            num_gpus=1 if cfg.device == "cuda" else 0,
+            max_concurrency=4,  # run() trains; latest_weights(), stats(), state() answer
+            max_restarts=0,
+        )
+        .remote(cfg, shards, num_actions, state)
+    )

@@ -3,10 +3,10 @@
 Storage. A naive replay keeps two stacks of 4 x 84 x 84 bytes per transition (56,448 B).
 Here every frame an actor sees is written once into a pool of 84x84 slots; a transition
 holds eight int32 slot numbers (its observation stack and its bootstrap stack), so a
-transition costs about one frame (7,056 B), ~70 B of bookkeeping (slots, action, return,
-discount, sum tree, reference count, free list) and the pool's slack below: ~7,270 B in
-a full shard of 200k items, ~7,240 B at 1M. Stacks are rebuilt at sample time with one
-gather, ``np.take(frames, slots)``, straight into the batch's contiguous arrays. That
+transition costs about one frame (7,056 B), ~90 B of bookkeeping (slots, action, return,
+discount, sum and min trees, reference count, free list) and the pool's slack below:
+~7,290 B in a full shard of 200k items, ~7,260 B at 1M. Stacks are rebuilt at sample time
+with one gather, ``np.take(frames, slots)``, straight into the batch's contiguous arrays. That
 gather is the copy the learner's batch needs anyway: a naive buffer copies the same
 29 MB per batch of 512, in rows of 28 KB rather than 7 KB, which makes it only ~1.4x
 faster (``benchmarks/replay.py``). There is no codec on the sampling path: compressing
@@ -50,18 +50,41 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
-from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
+from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, ShardStats, TransitionChunk
 from apex_dqn.replay.sum_tree import SumTree
 
 MAX_STREAMS = 4096  # stream tails remembered; the least recently pushing is forgotten first
 STREAM_TIMEOUT_CHUNKS = 4096  # a stream silent for this many chunks is forgotten
 
 
-def importance_weights(probs: np.ndarray, size: int, beta: float) -> np.ndarray:
-    """``w_i = (N * P(i)) ** -beta``, normalised by the batch maximum so that w <= 1."""
-    weights = (size * np.asarray(probs, dtype=np.float64)) ** (-beta)
-    return (weights / weights.max()).astype(np.float32)
+def importance_weights(
+    probs: np.ndarray, size: int, beta: float, min_prob: float | None = None
+) -> np.ndarray:
+    """``w_i = (N * P(i)) ** -beta / max_j (N * P(j)) ** -beta``, clipped at 1.
+
+    The maximum is over the whole replay (Schaul et al. 2016): it is the weight of the
+    item of least probability, ``(N * min_prob) ** -beta``, so ``w_i = (P(i) / min_prob)
+    ** -beta`` (N cancels). Every batch is then scaled by the same constant and the
+    step size means the same from one batch to the next. Normalising by the *batch*
+    maximum instead rescales each batch by its own factor; over several shards that
+    factor absorbs the shard's probability P(s), so batches of high-mass shards would
+    weigh more than one unsharded replay weighs them.
+
+    ``min_prob`` is the least sampling probability in the replay; None normalises by the
+    batch's own least probability, for a caller that cannot know the replay's. The clip
+    at 1 matters when ``min_prob`` and ``probs`` are not from one moment, as in a sampler
+    over shards (P(s) from the shard masses it last saw, the shards' least priorities as
+    last seen, the probabilities within the shard from when it drew): P(i) can then come
+    out below ``min_prob``, and no item may weigh more than the largest weight the
+    replay can give.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if min_prob is None:
+        min_prob = float(probs.min())
+    weights = (size * probs) ** (-beta) / (size * min_prob) ** (-beta)
+    return np.minimum(weights, 1.0).astype(np.float32)
 
 
 @dataclass
@@ -121,6 +144,12 @@ class ReplayShard:
         return self.tree.total
 
     @property
+    def min_priority(self) -> float:
+        """The smallest priority of a live item (+inf when empty): the item of largest
+        importance weight, which normalises every weight (``importance_weights``)."""
+        return self.tree.min
+
+    @property
     def frames_used(self) -> int:
         return self.frame_capacity - self._num_free
 
@@ -134,16 +163,17 @@ class ReplayShard:
         tails = sum(t.slots.nbytes for t in self._tails.values())
         return sum(a.nbytes for a in arrays) + self.tree.nbytes + tails
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "size": len(self),
-            "added": self.added,
-            "dropped": self.dropped,
-            "total_priority": self.total_priority,
-            "frames_used": self.frames_used,
-            "streams": len(self._tails),
-            "nbytes": self.nbytes,
-        }
+    def stats(self) -> ShardStats:
+        return ShardStats(
+            size=len(self),
+            added=self.added,
+            dropped=self.dropped,
+            total_priority=self.total_priority,
+            min_priority=self.min_priority,
+            frames_used=self.frames_used,
+            streams=len(self._tails),
+            nbytes=self.nbytes,
+        )
 
     def _runs(self, first_key: int, count: int) -> list[tuple[int, int]]:
         """The items of keys ``first_key ..`` as at most two runs (item start, length)."""
@@ -276,14 +306,19 @@ class ReplayShard:
 
     # ------------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, beta: float) -> SampledBatch:
-        """Draw ``batch_size`` items with probability p_i^alpha / sum_k p_k^alpha."""
+        """Draw ``batch_size`` items with probability p_i^alpha / sum_k p_k^alpha.
+
+        ``weights`` treat this shard as the whole replay (normalised by its own least
+        priority); a sampler over several shards recomputes them over all of them.
+        """
         if len(self) == 0:
             raise ValueError("cannot sample from an empty replay shard")
         total = self.tree.total
         items = self.tree.sample(batch_size, self._rng)
         probs = self.tree.get(items) / total
         keys = self.oldest_key + (items - self.oldest_key) % self.capacity
-        return self._batch(items, keys, probs, importance_weights(probs, len(self), beta), total)
+        weights = importance_weights(probs, len(self), beta, self.tree.min / total)
+        return self._batch(items, keys, probs, weights, total)
 
     def lookup(self, keys: np.ndarray) -> SampledBatch:
         """The transitions stored under live ``keys``, rebuilt exactly as ``sample`` does.
@@ -318,6 +353,7 @@ class ReplayShard:
             probs=probs,
             shard_size=len(self),
             shard_total=total,
+            shard_min=self.tree.min,
         )
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:

@@ -26,6 +26,7 @@ def _run(module: str, *args: str) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.rom
+@pytest.mark.slow
 def test_actor_benchmark():
     out = _run("apex_dqn.benchmarks.actor", "--envs", "4", "--seconds", "2", "--rounds", "2",
                "--network", "dqn2013")  # fmt: skip

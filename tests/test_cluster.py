@@ -22,7 +22,7 @@ import pytest
 
 from tests.runner import TrainRun as Run
 
-pytestmark = [pytest.mark.ray, pytest.mark.rom]
+pytestmark = [pytest.mark.ray, pytest.mark.rom, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

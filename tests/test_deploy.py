@@ -13,8 +13,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from apex_dqn.common.config import build_parser
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from apex_dqn.common.config import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from apex_dqn.actors.nstep import NStepAccumulator
 
+from apex_dqn.actors.nstep import NStepAccumulator
 from tests.fakes import FakeAtariVectorEnv
 from tests.runner import TrainRun as Run
 
@@ -84,7 +84,7 @@ def _restarted_pid(ray, shard, old_pid: int) -> int:
 
     def back() -> bool:
         try:
-            pids.append(ray.get(shard.where.remote(), timeout=10)["pid"])
+            pids.append(ray.get(shard.where.remote(), timeout=10).pid)
         except (ray.exceptions.RayError, TimeoutError):
             return False
         return pids[-1] != old_pid
@@ -105,9 +105,9 @@ def test_pusher_never_hangs_on_a_dead_shard_and_reaches_the_restarted_one(ray_lo
         pusher(next(chunks))
         assert len(pusher.in_flight) <= 2
     first = ray.get(shard.where.remote())
-    assert ray.get(shard.stats.remote())["added"] > 0
+    assert ray.get(shard.stats.remote()).added > 0
 
-    os.kill(first["pid"], signal.SIGKILL)
+    os.kill(first.pid, signal.SIGKILL)
 
     def push(count: int) -> None:
         for _ in range(count):
@@ -116,12 +116,12 @@ def test_pusher_never_hangs_on_a_dead_shard_and_reaches_the_restarted_one(ray_lo
 
     # Pushes go on while the shard is dead and while Ray restarts it: none hangs.
     _returns(lambda: push(20))
-    _restarted_pid(ray, shard, first["pid"])
+    _restarted_pid(ray, shard, first.pid)
 
     # Ray restarted it, empty; the actor's next pushes land in it.
     def stored() -> bool:
         push(1)
-        return ray.get(shard.stats.remote())["added"] > 0
+        return ray.get(shard.stats.remote()).added > 0
 
     _returns(lambda: _until(stored))
     _returns(pusher.flush)
@@ -166,7 +166,7 @@ def test_sampler_skips_a_killed_shard_and_samples_it_again_once_refilled(ray_loc
 
     _returns(lambda: draws(30))
     assert {0, 1} <= set(draws(40))
-    pid = ray.get(shards[1].where.remote())["pid"]
+    pid = ray.get(shards[1].where.remote()).pid
     os.kill(pid, signal.SIGKILL)
 
     # The other shard serves every batch meanwhile; updates to the dead one are dropped.
@@ -182,7 +182,7 @@ def test_sampler_skips_a_killed_shard_and_samples_it_again_once_refilled(ray_loc
     _restarted_pid(ray, shards[1], pid)
     ray.get([shards[1].add.remote(next(feeds[1])) for _ in range(8)])
     _returns(lambda: _until(lambda: 1 in draws(5), timeout=60))
-    assert ray.get(shards[1].stats.remote())["samples"] > 0
+    assert ray.get(shards[1].stats.remote()).samples > 0
     for shard in shards:
         ray.kill(shard)
 
@@ -299,6 +299,7 @@ def killed(tmp_path_factory) -> Killed:
 
 
 @pytest.mark.rom
+@pytest.mark.slow
 def test_killed_actor_comes_back_with_its_epsilons_and_pushes_again(killed):
     lines = "\n".join(killed.lines)
     before = re.search(rf"^actor 0: pid {killed.pids['actor0']} .* epsilon (\S+)$", lines, re.M)
@@ -316,6 +317,7 @@ def test_killed_actor_comes_back_with_its_epsilons_and_pushes_again(killed):
 
 
 @pytest.mark.rom
+@pytest.mark.slow
 def test_killed_shard_comes_back_the_loss_is_counted_and_training_goes_on(killed):
     lines = "\n".join(killed.lines)
     loss = re.search(r"^replay shard 1 restarted empty: ([\d,]+) transitions lost", lines, re.M)
@@ -345,6 +347,7 @@ def test_killed_shard_comes_back_the_loss_is_counted_and_training_goes_on(killed
 
 
 @pytest.mark.rom
+@pytest.mark.slow
 def test_memory_stays_bounded_once_replay_is_full(killed):
     assert killed.code == 0, "\n".join(killed.lines[-40:])
     start, end = killed.events["full"], killed.events["end"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from apex_dqn.common.config import Config
-from apex_dqn.train import run_serial
 
+from apex_dqn.common.config import Config
+from apex_dqn.driver.serial import run_serial
 from tests.fakes import ToyAtariVectorEnv
 
 
@@ -22,6 +22,7 @@ def greedy_accuracy(net: torch.nn.Module, samples: int = 256) -> float:
     return float(np.mean(actions == env.side))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")  # small batches: one thread is faster
 def test_pipeline_learns_the_toy_game():
     cfg = Config(

@@ -7,8 +7,8 @@ import signal
 import time
 
 import pytest
-from apex_dqn.common import checkpoint
 
+from apex_dqn.common import checkpoint
 from tests.runner import TrainRun
 
 TINY = [
@@ -22,6 +22,7 @@ TINY = [
 
 @pytest.mark.ray
 @pytest.mark.rom
+@pytest.mark.slow
 def test_learner_killed_restarts_from_its_last_checkpoint(tmp_path):
     run = TrainRun([*TINY, "--total-frames", "100000000", "--logdir", str(tmp_path)])
     try:

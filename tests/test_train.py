@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from apex_dqn.common import checkpoint
 from apex_dqn.common.networks import build_network
-
 from tests.runner import TrainRun
 
-pytestmark = [pytest.mark.ray, pytest.mark.rom]
+pytestmark = [pytest.mark.ray, pytest.mark.rom, pytest.mark.slow]
 
 NUM_ACTORS = SHARDS = 2
 TARGET_PERIOD = 20

@@ -1,63 +1,76 @@
 """The Actor on the fake Atari vector env with a real (small) Q-network, no Ray.
 
 A recording wrapper keeps every observation, reward and end flag the env returned and
-every action sent, per lane (a group of envs the env returns together), so each stored
-transition can be checked against what the actor actually saw.
+every action sent, per env in that env's own order, and gathers them per lane (a group
+of envs the actor accounts for together), so each stored transition can be checked
+against what the actor actually saw, whatever order the env returned its envs in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+
 from apex_dqn.actors.actor import Actor
 from apex_dqn.actors.inference import InferenceNet
 from apex_dqn.common.config import Config
 from apex_dqn.common.messages import ZERO_FRAME, TransitionChunk
 from apex_dqn.common.networks import QNetwork, state_dict_to_numpy
-
-from tests.fakes import FakeAtariVectorEnv
+from tests.fakes import FakeAtariVectorEnv, RowPolicy, ScrambledAtariVectorEnv
 
 NUM_ACTIONS = 6
+RESULT_KEYS = ("obs", "reward", "terminated", "truncated", "lives")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RecordingEnv:
-    """Wraps the fake env; keeps, per lane, each result returned and each action sent."""
+    """Wraps a vector env; keeps each env's results and the actions it was sent, in order.
 
-    def __init__(self, env: FakeAtariVectorEnv):
+    ``results[lane][s]`` (a dict of arrays over the lane's envs) and ``sent[lane][s]``
+    gather the lane's envs at their step ``s``, for every step all of them have
+    returned: the steps the actor's accumulator for that lane has seen.
+    """
+
+    def __init__(self, env):
         self.env = env
         self.num_envs = env.num_envs
         self.batch_size = env.batch_size
-        lanes = env.num_envs // env.batch_size
-        self.results: list[list[dict]] = [[] for _ in range(lanes)]
-        self.sent: list[list[np.ndarray]] = [[] for _ in range(lanes)]
+        self.by_env: list[list[dict]] = [[] for _ in range(self.num_envs)]
+        self.sent_by_env: list[list[int]] = [[] for _ in range(self.num_envs)]
+        self.batches: list[np.ndarray] = []  # env ids of each batch returned, reset's first
         self.recvs = 0
-        self._last = -1
+        self._last = np.arange(self.num_envs)
+        self._views: tuple[int, list, list] | None = None
 
     def _keep(self, obs, reward, terminated, truncated, info) -> None:
-        lane = int(info["env_id"][0]) // self.batch_size
-        self.results[lane].append(
-            {
-                "obs": obs.copy(),
-                "reward": np.asarray(reward).copy(),
-                "terminated": np.asarray(terminated).copy(),
-                "truncated": np.asarray(truncated).copy(),
-                "lives": np.asarray(info["lives"]).copy(),
-            }
-        )
-        self._last = lane
+        ids = np.asarray(info.get("env_id", np.arange(len(obs)))).astype(np.int64)
+        for j, e in enumerate(ids.tolist()):
+            self.by_env[e].append(
+                {
+                    "obs": obs[j].copy(),
+                    "reward": np.asarray(reward)[j],
+                    "terminated": bool(terminated[j]),
+                    "truncated": bool(truncated[j]),
+                    "lives": int(np.asarray(info["lives"])[j]),
+                }
+            )
+        self.batches.append(ids)
+        self._last = ids
 
     def reset(self, *, seed=None):
         obs, info = self.env.reset(seed=seed)
-        w = self.batch_size
-        self._keep(obs, np.zeros(w), np.zeros(w, bool), np.zeros(w, bool), info)
+        b = len(obs)
+        self._keep(obs, np.zeros(b, np.int32), np.zeros(b, bool), np.zeros(b, bool), info)
         return obs, info
 
     def send(self, actions):
-        self.sent[self._last].append(np.asarray(actions).copy())
+        for j, e in enumerate(self._last.tolist()):
+            self.sent_by_env[e].append(int(actions[j]))
         self.env.send(actions)
 
     def recv(self):
@@ -68,6 +81,41 @@ class RecordingEnv:
 
     def close(self):
         self.env.close()
+
+    def _step_of(self, envs: range, s: int) -> dict[str, np.ndarray]:
+        return {key: np.stack([np.asarray(self.by_env[e][s][key]) for e in envs])
+                for key in RESULT_KEYS}  # fmt: skip
+
+    def _lane_views(self) -> tuple[list, list]:
+        sends = sum(len(s) for s in self.sent_by_env)
+        if self._views is None or self._views[0] != (self.recvs, sends):
+            results, sent = [], []
+            for first in range(0, self.num_envs, self.batch_size):
+                envs = range(first, first + self.batch_size)
+                steps = min(len(self.by_env[e]) for e in envs)
+                results.append([self._step_of(envs, s) for s in range(steps)])
+                steps = min(len(self.sent_by_env[e]) for e in envs)
+                sent.append(
+                    [np.array([self.sent_by_env[e][s] for e in envs]) for s in range(steps)]
+                )
+            self._views = ((self.recvs, sends), results, sent)
+        return self._views[1], self._views[2]
+
+    @property
+    def results(self) -> list[list[dict]]:
+        return self._lane_views()[0]
+
+    @property
+    def sent(self) -> list[list[np.ndarray]]:
+        return self._lane_views()[1]
+
+    def mixed_batches(self) -> int:
+        """Batches that were not one whole lane in order."""
+        w = self.batch_size
+        return sum(
+            not np.array_equal(ids, np.arange(ids[0] // w * w, ids[0] // w * w + w))
+            for ids in self.batches
+        )
 
 
 def small_net(seed: int = 0) -> QNetwork:
@@ -93,12 +141,20 @@ def make_actor(
     lanes: int = 1,
     epsilons=None,
     weights_source=None,
+    scramble: bool = False,
     **fake,
 ):
+    """An actor on the fake env, or with ``scramble`` on the fake that returns envs in
+    any order and mix of lanes (``ScrambledAtariVectorEnv``)."""
     fake.setdefault("terminate_prob", 0.05)
     fake.setdefault("life_loss_prob", 0.05)
     fake.setdefault("max_steps", 25)
-    env = RecordingEnv(FakeAtariVectorEnv(k, NUM_ACTIONS, seed=3, batch_size=k // lanes, **fake))
+    if scramble:
+        inner = ScrambledAtariVectorEnv(k, num_actions=NUM_ACTIONS, seed=3, batch_size=k // lanes,
+                                        **fake)  # fmt: skip
+    else:
+        inner = FakeAtariVectorEnv(k, NUM_ACTIONS, seed=3, batch_size=k // lanes, **fake)
+    env = RecordingEnv(inner)
     chunks: list[TransitionChunk] = []
     sink_calls: list[int] = []
 
@@ -157,18 +213,15 @@ def episode_ends(results: list[dict], j: int, life_terminal: bool) -> list[int]:
     return ends
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-@pytest.mark.parametrize("life_terminal", [False, True])
-def test_stored_transitions_match_what_the_env_returned(lanes, life_terminal):
-    n, gamma, period = 3, 0.9, 8
-    cfg = Config(n_step=n, gamma=gamma, push_period=period, terminal_on_life_loss=life_terminal)
-    actor, env, chunks, _ = make_actor(cfg, k=4, lanes=lanes)
-    actor.run(150)
+def check_transitions(
+    env: RecordingEnv, chunks: list[TransitionChunk], n: int, gamma: float, life_terminal: bool
+) -> tuple[int, int]:
+    """Every stored transition is bit for bit what its env returned and was sent, with the
+    right n-step return and discount, and every step whose window was complete by its
+    lane's last push is stored. Returns how many cut windows and transitions starting
+    at a reset were checked."""
     w = env.batch_size
-    assert len(chunks) >= 2 * lanes
     lanes_by_stream = lane_of_stream(env, chunks)
-    assert sorted(lanes_by_stream.values()) == list(range(lanes))
-
     frames: dict[int, dict[int, np.ndarray]] = {s: {} for s in lanes_by_stream}
     pushed_steps = {}
     seen: set[tuple[int, int, int]] = set()
@@ -211,12 +264,10 @@ def test_stored_transitions_match_what_the_env_returned(lanes, life_terminal):
                     assert last["truncated"][j]
             if o[0] == ZERO_FRAME and s > 0:
                 checked_reset += 1
-    assert checked_cut > 0 and checked_reset > 0
 
     # Every step of every env whose window was complete by the lane's last push is stored.
-    for lane in range(lanes):
+    for lane, last in pushed_steps.items():
         results = env.results[lane]
-        last = pushed_steps[lane]
         for j in range(w):
             ends = episode_ends(results, j, life_terminal)
             for s in range(last):
@@ -225,6 +276,177 @@ def test_stored_transitions_match_what_the_env_returned(lanes, life_terminal):
                 nxt = min([s + n, *[t for t in ends if t > s]])
                 if nxt <= last:
                     assert (lane, s, j) in seen, (lane, s, j)
+    return checked_cut, checked_reset
+
+
+def check_accounting(actor: Actor, env: RecordingEnv) -> None:
+    """Every result the env returned is either accounted for in its lane or still held."""
+    w = env.batch_size
+    holding = getattr(actor, "_held", None)  # created by the first batch not a whole lane
+    held = holding.ahead if holding is not None else np.zeros(env.num_envs, int)
+    for e in range(env.num_envs):
+        lane = actor.lanes[e // w]
+        assert len(env.by_env[e]) == lane.acc.step + 1 + held[e], e
+    assert actor.env_steps == sum(lane.acc.step for lane in actor.lanes) * w
+
+
+# (lanes, scramble): whole lanes in order as with one emulator thread, or any envs in any
+# order as with several.
+LANE_MODES = [(1, False), (2, False), (2, True), (3, True)]
+FOUR_ENV_MODES = [(1, False), (2, False), (2, True)]
+
+
+@pytest.mark.parametrize(("lanes", "scramble"), LANE_MODES)
+@pytest.mark.parametrize("life_terminal", [False, True])
+def test_stored_transitions_match_what_the_env_returned(lanes, scramble, life_terminal):
+    n, gamma, period = 3, 0.9, 8
+    cfg = Config(n_step=n, gamma=gamma, push_period=period, terminal_on_life_loss=life_terminal)
+    actor, env, chunks, _ = make_actor(cfg, k=2 * lanes if lanes > 2 else 4, lanes=lanes,
+                                       scramble=scramble)  # fmt: skip
+    actor.run(150)
+    assert len(chunks) >= 2 * lanes
+    assert (env.mixed_batches() > 50) == scramble
+    assert sorted(lane_of_stream(env, chunks).values()) == list(range(lanes))
+    checked_cut, checked_reset = check_transitions(env, chunks, n, gamma, life_terminal)
+    assert checked_cut > 0 and checked_reset > 0
+    check_accounting(actor, env)
+
+
+def run_on_fake(
+    scramble: bool,
+    lanes: int,
+    k: int,
+    steps: int,
+    epsilons: np.ndarray | None = None,
+    laggard: tuple[int, int] | None = None,
+) -> tuple[Actor, RecordingEnv, list[TransitionChunk]]:
+    """An actor with an exact per-row policy on ``ScrambledAtariVectorEnv``: envs whose
+    results depend only on their own seed and actions, returned in order or scrambled."""
+    cfg = Config(n_step=3, gamma=0.9, push_period=5, terminal_on_life_loss=True)
+    fake = ScrambledAtariVectorEnv(
+        k, num_actions=NUM_ACTIONS, batch_size=k // lanes, scramble=scramble, laggard=laggard,
+        seed=3, terminate_prob=0.05, life_loss_prob=0.05, max_steps=25,
+    )  # fmt: skip
+    env = RecordingEnv(fake)
+    chunks: list[TransitionChunk] = []
+    eps = np.zeros(k) if epsilons is None else epsilons
+    actor = Actor(cfg, 4, env, RowPolicy(NUM_ACTIONS), eps, chunks.append, lambda: None, 9, 11)
+    actor.run(steps)
+    return actor, env, chunks
+
+
+def chunks_by_stream(chunks: list[TransitionChunk]) -> dict[int, list[TransitionChunk]]:
+    by_stream: dict[int, list[TransitionChunk]] = {}
+    for chunk in chunks:
+        by_stream.setdefault(chunk.stream, []).append(chunk)
+    return by_stream
+
+
+def assert_same_chunk(a: TransitionChunk, b: TransitionChunk) -> None:
+    for field in dataclasses.fields(TransitionChunk):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and np.array_equal(x, y), field.name
+        else:
+            assert x == y, field.name
+
+
+@pytest.mark.parametrize(
+    ("lanes", "k", "laggard"), [(2, 4, None), (3, 6, None), (2, 8, None), (2, 4, (1, 10))]
+)
+def test_scrambled_batches_give_the_transitions_of_envs_stepped_in_order(lanes, k, laggard):
+    """Each env's chunks, episodes and stacks are bit for bit those of the same envs
+    returned whole lane by whole lane, whatever order and mix of lanes the env returns."""
+    steps = 150
+    ref_actor, ref_env, ref_chunks = run_on_fake(False, lanes, k, steps)
+    actor, env, chunks = run_on_fake(True, lanes, k, steps, laggard=laggard)
+    assert ref_env.mixed_batches() == 0
+    assert env.mixed_batches() > steps * lanes // 2
+    if laggard is not None:  # env 1 fell far behind: the ring of held steps had to grow
+        assert actor._held.capacity > 8
+        assert actor._held.ahead.max() > 8
+
+    ref_streams, streams = chunks_by_stream(ref_chunks), chunks_by_stream(chunks)
+    assert sorted(streams) == sorted(ref_streams)
+    compared = 0
+    for stream, got in streams.items():
+        # The runs account for different numbers of lane steps: compare what both pushed.
+        ref = ref_streams[stream]
+        assert min(len(got), len(ref)) >= 2
+        for a, b in zip(got, ref, strict=False):
+            assert_same_chunk(a, b)
+            compared += len(a)
+    assert compared > 100 * lanes
+
+    # Episodes: per env, the scrambled run's are the first of the in-order run's.
+    def per_env(episodes):
+        out: dict[int, list] = {e: [] for e in range(k)}
+        for ep in episodes:
+            out[ep.env].append(dataclasses.astuple(ep))
+        return out
+
+    got_episodes, ref_episodes = per_env(actor.episodes), per_env(ref_actor.episodes)
+    assert sum(map(len, got_episodes.values())) >= k
+    for e in range(k):
+        common = min(len(got_episodes[e]), len(ref_episodes[e]))
+        assert got_episodes[e][:common] == ref_episodes[e][:common], e
+    check_accounting(actor, env)
+    check_accounting(ref_actor, ref_env)
+
+
+def test_each_env_explores_with_its_own_epsilon_in_scrambled_batches():
+    epsilons = np.array([1.0, 0.0, 0.0, 1.0])
+    actor, env, _ = run_on_fake(True, 2, 4, 150, epsilons=epsilons)
+    assert env.mixed_batches() > 100
+    policy = RowPolicy(NUM_ACTIONS)
+    for e in range(4):
+        results, sent = env.by_env[e], env.sent_by_env[e]
+        assert len(sent) == len(results) > 100
+        greedy = policy(np.stack([r["obs"] for r in results])).argmax(axis=1)
+        matches = int((np.array(sent) == greedy).sum())
+        if epsilons[e] == 0.0:
+            assert matches == len(sent), e  # always the argmax of its own observation
+        else:
+            assert matches < len(sent) / 2, e  # uniform: about 1 in 6 greedy
+            assert set(sent) == set(range(NUM_ACTIONS))
+    assert {(ep.env, ep.epsilon) for ep in actor.episodes} <= {
+        (e, float(epsilons[e])) for e in range(4)
+    }
+
+
+@pytest.mark.rom
+def test_two_lanes_on_two_emulator_threads_of_the_real_env():
+    """ale-py with two emulator threads returns lanes mixed and out of order; the actor
+    stores exactly what each env returned and counts every env's episodes."""
+    from apex_dqn.common.envs import make_vector_env
+
+    n, gamma, k, lanes = 3, 0.9, 8, 2
+    # Episodes of 60 agent steps (truncated), so every env finishes a few.
+    cfg = Config(n_step=n, gamma=gamma, push_period=10, max_episode_frames=240,
+                 terminal_on_life_loss=True)  # fmt: skip
+    env = RecordingEnv(make_vector_env(cfg, k, threads=2, lanes=lanes))
+    chunks: list[TransitionChunk] = []
+    try:
+        actor = Actor(cfg, 4, env, small_policy(), np.full(k, 0.5), chunks.append,
+                      lambda: None, stream=9, seed=11)  # fmt: skip
+        actor.run(200)
+    finally:
+        env.close()
+    assert env.mixed_batches() > 0
+    assert sorted(lane_of_stream(env, chunks).values()) == list(range(lanes))
+    by_stream = chunks_by_stream(chunks)
+    assert all(len(c) >= 5 for c in by_stream.values())
+    _, checked_reset = check_transitions(env, chunks, n, gamma, True)
+    assert checked_reset > 0
+    check_accounting(actor, env)
+    for lane in actor.lanes:  # every env of a lane has taken the lane's steps
+        assert lane.acc.step > 100
+    got = sorted((ep.env, ep.score, ep.length) for ep in actor.episodes)
+    assert got == sorted(expected_episodes(env))
+    # Truncated at 60 agent steps (a game over comes later): each env finished a few.
+    assert all(length <= 60 for _, _, length in got)
+    assert {e for e, _, _ in got} == set(range(k))
+    assert len(got) >= 2 * k
 
 
 def test_each_env_explores_with_its_own_epsilon():
@@ -252,11 +474,8 @@ def test_epsilon_count_must_match_envs():
         Actor(Config(), 0, env, small_policy(), np.array([0.1, 0.2, 0.3]), print, print, 0, 0)
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_episodes_record_unclipped_scores(lanes):
-    epsilons = np.array([0.5, 0.1, 0.01, 0.001])
-    actor, env, _, _ = make_actor(Config(), k=4, lanes=lanes, epsilons=epsilons)
-    actor.run(120)
+def expected_episodes(env: RecordingEnv) -> list[tuple[int, float, int]]:
+    """(env, unclipped score, agent steps) of every episode the lanes' steps have ended."""
     w = env.batch_size
     expected = []
     for lane, results in enumerate(env.results):
@@ -269,9 +488,18 @@ def test_episodes_record_unclipped_scores(lanes):
                 score += float(cur["reward"][j])
                 length += 1
                 if cur["terminated"][j] or cur["truncated"][j]:
-                    e = lane * w + j
-                    expected.append((e, score, length, float(np.float32(epsilons[e])), 4))
+                    expected.append((lane * w + j, score, length))
                     score, length = 0.0, 0
+    return expected
+
+
+@pytest.mark.parametrize(("lanes", "scramble"), FOUR_ENV_MODES)
+def test_episodes_record_unclipped_scores(lanes, scramble):
+    epsilons = np.array([0.5, 0.1, 0.01, 0.001])
+    actor, env, _, _ = make_actor(Config(), k=4, lanes=lanes, epsilons=epsilons, scramble=scramble)
+    actor.run(120)
+    expected = [(e, score, length, float(np.float32(epsilons[e])), 4)
+                for e, score, length in expected_episodes(env)]  # fmt: skip
     got = [(ep.env, ep.score, ep.length, ep.epsilon, ep.actor) for ep in actor.drain_episodes()]
     assert len(expected) >= 8
     assert sorted(got) == sorted(expected)
@@ -296,10 +524,11 @@ def test_rewards_are_clipped_in_stored_returns():
     assert {round(float(r), 5) for r in returns} <= possible
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_chunks_pushed_every_push_period_steps(lanes):
+@pytest.mark.parametrize(("lanes", "scramble"), FOUR_ENV_MODES)
+def test_chunks_pushed_every_push_period_steps(lanes, scramble):
     period = 7
-    actor, env, chunks, _ = make_actor(Config(push_period=period), k=4, lanes=lanes)
+    cfg = Config(push_period=period)
+    actor, env, chunks, _ = make_actor(cfg, k=4, lanes=lanes, scramble=scramble)
     actor.run(50)
     w = env.batch_size
     by_stream: dict[int, list[TransitionChunk]] = {}
@@ -316,8 +545,8 @@ def test_chunks_pushed_every_push_period_steps(lanes):
         assert firsts == [0, *np.cumsum(sizes)[:-1].tolist()]
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_weights_source_consulted_every_sync_period_and_only_newer_loaded(lanes):
+@pytest.mark.parametrize(("lanes", "scramble"), FOUR_ENV_MODES)
+def test_weights_source_consulted_every_sync_period_and_only_newer_loaded(lanes, scramble):
     period = 5
     nets = [small_net(seed) for seed in (100, 101, 102, 103)]
     states = [state_dict_to_numpy(net) for net in nets]
@@ -338,7 +567,7 @@ def test_weights_source_consulted_every_sync_period_and_only_newer_loaded(lanes)
         return replies[len(calls) - 1]
 
     cfg = Config(weight_sync_period=period, push_period=50)
-    actor, env, _, _ = make_actor(cfg, k=4, lanes=lanes, weights_source=source)
+    actor, env, _, _ = make_actor(cfg, k=4, lanes=lanes, weights_source=source, scramble=scramble)
     holder["env"], holder["actor"] = env, actor
     assert calls == []
     actor.run(5 * period + 2)

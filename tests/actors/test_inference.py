@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from apex_dqn.actors.inference import InferenceNet, onednn_usable
 from apex_dqn.common.networks import QNetwork, state_dict_to_numpy
 

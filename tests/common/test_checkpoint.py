@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+
 from apex_dqn.common import checkpoint
 from apex_dqn.common.checkpoint import (
     CheckpointError,

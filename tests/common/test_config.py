@@ -9,13 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from apex_dqn.common.config import (
+    OPTIMIZER_DEFAULTS,
+    RMSPROP_ALPHA,
     Config,
     ConfigError,
     build_parser,
     from_args,
     normalize_game,
     resolve_auto,
+    resolve_optimizer,
     validate,
 )
 
@@ -45,8 +49,8 @@ INVALID = [
     ({"total_frames": 0}, "--total-frames", "0"),
     ({"keep_checkpoints": 0}, "--keep-checkpoints", "0"),
     ({"beta_anneal_updates": 0}, "--beta-anneal-updates", "0"),
-    ({"lr": 0.0}, "--lr", "0.0"),
-    ({"adam_eps": -1e-3}, "--adam-eps", "-0.001"),
+    ({"lr": -1e-4}, "--lr", "-0.0001"),
+    ({"optimizer_eps": -1e-3}, "--optimizer-eps", "-0.001"),
     ({"grad_clip": -1.0}, "--grad-clip", "-1.0"),
     ({"log_interval_s": 0.0}, "--log-interval-s", "0.0"),
     ({"checkpoint_interval_s": -5.0}, "--checkpoint-interval-s", "-5.0"),
@@ -191,6 +195,7 @@ def test_normalize_game(given, expected):
 def test_every_gymnasium_ale_id_normalizes_to_its_rom():
     import ale_py
     import gymnasium as gym
+
     from apex_dqn.common.envs import available_games
 
     gym.register_envs(ale_py)
@@ -227,6 +232,7 @@ def test_resolve_auto_fills_zero_fields(cpus, gpus, memory, expected):
     assert cfg.game == "space_invaders"
     assert cfg.device == ("cuda" if gpus else "cpu")
     assert cfg.batch_size == (512 if gpus else 64)
+    assert (cfg.lr, cfg.optimizer_eps) == (1e-4, 1.5e-4)
     assert cfg.replay_capacity % 10_000 == 0
     assert Path(cfg.logdir).parent == Path("runs")
     assert Path(cfg.logdir).name.startswith("space_invaders-")
@@ -240,6 +246,8 @@ def test_resolve_auto_keeps_explicit_values():
         replay_capacity=123_000,
         device="cpu",
         batch_size=32,
+        lr=3e-4,
+        optimizer_eps=1e-6,
         logdir="somewhere",
     )
     resolved = resolve_auto(cfg, cpus=64, gpus=1, memory_bytes=256 * GIB)
@@ -250,6 +258,69 @@ def test_resolve_auto_batch_follows_explicit_device():
     resolved = resolve_auto(Config(device="cuda"), cpus=4, gpus=0, memory_bytes=8 * GIB)
     assert resolved.device == "cuda"
     assert resolved.batch_size == 512
+
+
+# (command line, optimizer, learning rate and epsilon once resolved). Only --optimizer
+# rmsprop gives Ape-X's centred RMSProp settings; flags given win; Adam's stay as they were.
+OPTIMIZER_SETTINGS = [
+    ([], "adam", 1e-4, 1.5e-4),
+    (["--optimizer", "adam"], "adam", 1e-4, 1.5e-4),
+    (["--optimizer", "rmsprop"], "rmsprop", 6.25e-5, 1.5e-7),
+    (["--optimizer", "rmsprop", "--lr", "2.5e-4"], "rmsprop", 2.5e-4, 1.5e-7),
+    (["--optimizer", "rmsprop", "--optimizer-eps", "0.1"], "rmsprop", 6.25e-5, 0.1),
+    (["--optimizer", "rmsprop", "--lr", "1e-3", "--optimizer-eps", "0.01"], "rmsprop", 1e-3, 0.01),
+    (["--lr", "3e-4"], "adam", 3e-4, 1.5e-4),
+    (["--optimizer", "adam", "--optimizer-eps", "1e-8"], "adam", 1e-4, 1e-8),
+    # The laptop preset's learning rate is still its own, and Adam's epsilon still applies.
+    (["--preset", "laptop"], "adam", 2.5e-4, 1.5e-4),
+    (["--preset", "laptop", "--lr", "1e-4"], "adam", 1e-4, 1.5e-4),
+]
+
+
+@pytest.mark.parametrize(("argv", "optimizer", "lr", "eps"), OPTIMIZER_SETTINGS, ids=str)
+def test_optimizer_settings_follow_the_optimizer_unless_given(argv, optimizer, lr, eps):
+    cfg = from_args(argv)
+    validate(cfg)  # auto (0) is valid before it is resolved
+    for resolved in (
+        resolve_optimizer(cfg),
+        resolve_auto(cfg, cpus=4, gpus=0, memory_bytes=8 * GIB),
+    ):
+        assert resolved.optimizer == optimizer
+        assert (resolved.lr, resolved.optimizer_eps) == (lr, eps)
+        validate(resolved)
+        assert resolve_optimizer(resolved) == resolved  # resolving twice changes nothing
+
+
+def test_rmsprop_defaults_are_apex_centred_rmsprop():
+    assert OPTIMIZER_DEFAULTS["rmsprop"].lr == 0.00025 / 4 == 6.25e-5
+    assert OPTIMIZER_DEFAULTS["rmsprop"].eps == 1.5e-7
+    assert RMSPROP_ALPHA == 0.95
+
+
+def test_resolve_optimizer_leaves_an_unknown_optimizer_to_validate():
+    cfg = Config(optimizer="sgd")
+    assert resolve_optimizer(cfg) == cfg
+    with pytest.raises(ConfigError, match=r"^--optimizer='sgd' "):
+        validate(resolve_optimizer(cfg))
+
+
+def test_help_shows_each_optimizers_defaults():
+    text = " ".join(build_parser().format_help().split())
+    assert "adam 0.0001, rmsprop 6.25e-05" in text
+    assert "adam 0.00015, rmsprop 1.5e-07" in text
+
+
+def test_from_dict_round_trips_and_reads_earlier_names():
+    cfg = resolve_optimizer(Config(optimizer="rmsprop", seed=3))
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    # A config saved before the epsilon was renamed, with a setting since removed.
+    saved = {**Config(optimizer="rmsprop", lr=1e-4).to_dict(), "no_such_setting": 1}
+    del saved["optimizer_eps"]
+    saved["adam_eps"] = 1.5e-4
+    old = Config.from_dict(saved)
+    assert (old.optimizer, old.lr, old.optimizer_eps) == ("rmsprop", 1e-4, 1.5e-4)
+    # Saved under both names, the present one wins.
+    assert Config.from_dict({"adam_eps": 1.0, "optimizer_eps": 2.0}).optimizer_eps == 2.0
 
 
 def _to_argv(cfg: Config) -> list[str]:
@@ -284,6 +355,7 @@ def test_from_args_round_trips_every_field():
         gamma=0.97,
         optimizer="rmsprop",
         lr=2.5e-4,
+        optimizer_eps=0.01,
         device="cpu",
         amp=True,
         compile=True,

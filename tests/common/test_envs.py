@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from apex_dqn.common.config import Config, ConfigError, normalize_game, validate
 from apex_dqn.common.envs import (
     FRAME_SHAPE,

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from apex_dqn.common.schedules import (
     actor_epsilons,
     apex_epsilon,

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("PIL")
 
+from PIL import Image, ImageSequence
+
 from apex_dqn.common.video import (
     VideoError,
     check_video_path,
@@ -19,7 +21,6 @@ from apex_dqn.common.video import (
     read_video,
     write_video,
 )
-from PIL import Image, ImageSequence
 
 
 def distinct_frames(t: int, h: int = 42, w: int = 32) -> np.ndarray:

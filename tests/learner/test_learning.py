@@ -7,9 +7,16 @@ import io
 
 import pytest
 import torch
-from apex_dqn.common.config import Config
-from apex_dqn.learner.learning import Learner, TorchBatch, double_dqn_targets, td_loss
 from torch import nn
+
+from apex_dqn.common.config import Config, from_args
+from apex_dqn.learner.learning import (
+    Learner,
+    TorchBatch,
+    build_optimizer,
+    double_dqn_targets,
+    td_loss,
+)
 
 NUM_ACTIONS = 4
 
@@ -166,7 +173,7 @@ def test_update_decreases_loss_on_a_fixed_batch(optimizer):
 
 
 def test_rmsprop_option_is_centered_rmsprop():
-    learner = make_learner(small_cfg(optimizer="rmsprop", lr=2.5e-4, adam_eps=0.01))
+    learner = make_learner(small_cfg(optimizer="rmsprop", lr=2.5e-4, optimizer_eps=0.01))
     assert isinstance(learner.optimizer, torch.optim.RMSprop)
     group = learner.optimizer.param_groups[0]
     assert group["centered"] is True
@@ -180,10 +187,61 @@ def test_rmsprop_option_is_centered_rmsprop():
 
 
 def test_adam_option():
-    learner = make_learner(small_cfg(optimizer="adam", lr=3e-4, adam_eps=1e-5))
+    learner = make_learner(small_cfg(optimizer="adam", lr=3e-4, optimizer_eps=1e-5))
     assert isinstance(learner.optimizer, torch.optim.Adam)
     group = learner.optimizer.param_groups[0]
     assert group["lr"] == 3e-4 and group["eps"] == 1e-5
+
+
+# (command line, torch optimizer, the param_group values it must get). --optimizer rmsprop
+# alone gives Ape-X's centred RMSProp, not Adam's learning rate and epsilon.
+RMSPROP = {"alpha": 0.95, "centered": True, "momentum": 0, "weight_decay": 0}
+OPTIMIZER_GROUPS = [
+    ([], torch.optim.Adam, {"lr": 1e-4, "eps": 1.5e-4}),
+    (["--optimizer", "rmsprop"], torch.optim.RMSprop, {"lr": 6.25e-5, "eps": 1.5e-7, **RMSPROP}),
+    (
+        ["--optimizer", "rmsprop", "--lr", "2.5e-4"],
+        torch.optim.RMSprop,
+        {"lr": 2.5e-4, "eps": 1.5e-7, **RMSPROP},
+    ),
+    (
+        ["--optimizer", "rmsprop", "--optimizer-eps", "0.1"],
+        torch.optim.RMSprop,
+        {"lr": 6.25e-5, "eps": 0.1, **RMSPROP},
+    ),
+    (["--optimizer", "adam", "--lr", "3e-4"], torch.optim.Adam, {"lr": 3e-4, "eps": 1.5e-4}),
+    (["--optimizer-eps", "1e-8"], torch.optim.Adam, {"lr": 1e-4, "eps": 1e-8}),
+]
+
+
+@pytest.mark.parametrize(("argv", "kind", "expected"), OPTIMIZER_GROUPS, ids=str)
+def test_learner_optimizer_gets_the_chosen_optimizers_settings(argv, kind, expected):
+    # A config straight from the command line, autos unresolved, as tests and tools build it.
+    learner = make_learner(from_args(["--network", "dqn2013", "--no-dueling", *argv]))
+    assert type(learner.optimizer) is kind
+    (group,) = learner.optimizer.param_groups
+    assert {k: group[k] for k in expected} == expected
+    assert (learner.cfg.lr, learner.cfg.optimizer_eps) == (expected["lr"], expected["eps"])
+
+
+def test_rmsprop_step_adds_eps_outside_the_root_of_the_centred_variance():
+    # theta -= lr * g / (sqrt(v - g_bar^2) + eps), v and g_bar decayed by alpha = 0.95.
+    lr, eps, alpha = 0.5, 0.25, 0.95
+    theta = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    optimizer = build_optimizer([theta], small_cfg(optimizer="rmsprop", lr=lr, optimizer_eps=eps))
+    expected, v, g_bar = 0.0, 0.0, 0.0
+    for g in (1.0, -3.0, 2.0):
+        theta.grad = torch.tensor([g], dtype=torch.float64)
+        optimizer.step()
+        v = alpha * v + (1 - alpha) * g * g
+        g_bar = alpha * g_bar + (1 - alpha) * g
+        expected -= lr * g / ((v - g_bar**2) ** 0.5 + eps)
+        assert theta.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_build_optimizer_refuses_an_unknown_optimizer():
+    with pytest.raises(ValueError, match="sgd"):
+        build_optimizer([nn.Parameter(torch.zeros(1))], small_cfg(optimizer="sgd", lr=1e-3))
 
 
 def test_update_returns_priorities_and_metrics():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from apex_dqn.common import checkpoint
 from apex_dqn.common.config import Config
 from apex_dqn.learner.learning import Learner, TorchBatch, td_loss

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from apex_dqn.actors.nstep import NStepAccumulator
 from apex_dqn.common.envs import STACK
 from apex_dqn.common.messages import TransitionChunk
 from apex_dqn.replay.shard import ReplayShard
-
 from tests.fakes import FakeAtariVectorEnv
 
 

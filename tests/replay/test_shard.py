@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import apex_dqn.replay.shard as shard_module
 import numpy as np
 import pytest
+
+import apex_dqn.replay.shard as shard_module
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.messages import ZERO_FRAME, TransitionChunk
 from apex_dqn.replay.shard import ReplayShard
-
 from tests.replay.recorder import RecordedStream, check_shard, live_keys, zero_padding
 
 # Upper 0.1% point of the chi-square distribution with 19 degrees of freedom
@@ -17,7 +17,8 @@ CHI2_999_DF19 = 43.820
 
 
 def check_invariants(shard: ReplayShard) -> None:
-    """Reference counts are exact, no slot leaks, the tree holds only live items' mass."""
+    """Reference counts are exact, no slot leaks, the tree holds only live items' mass,
+    and the least priority it reports is the least of the live items'."""
     items = live_keys(shard) % shard.capacity
     tails = [t.slots for t in shard._tails.values()]
     refs = np.concatenate([shard.slots[items].ravel(), *tails])
@@ -36,6 +37,7 @@ def check_invariants(shard: ReplayShard) -> None:
     assert not shard.tree.get(np.flatnonzero(dead)).any()
     live_mass = shard.tree.get(items).sum()
     assert shard.total_priority == pytest.approx(live_mass, rel=1e-9, abs=1e-12)
+    assert shard.min_priority == (shard.tree.get(items).min() if len(items) else np.inf)
 
 
 def synthetic_chunk(
@@ -265,13 +267,43 @@ def test_importance_weights_and_probabilities():
         shard.add(synthetic_chunk(1, part * 1000, priorities[part * 100 : part * 100 + 100], rng))
     scaled = (priorities.astype(np.float32).astype(np.float64) + 1e-6) ** 0.7
     prob = scaled / scaled.sum()
+    assert shard.min_priority == shard.stats().min_priority == scaled.min()
     for beta in (0.4, 1.0):
         b = shard.sample(256, beta)
         assert np.allclose(b.probs, prob[b.keys], rtol=1e-12)
-        want = (300 * prob[b.keys]) ** -beta
-        assert np.allclose(b.weights, want / want.max(), rtol=1e-6)
-        assert b.weights.max() == 1.0 and b.shard_size == 300
+        # Normalised by the largest weight of the shard, not of the batch: the same
+        # constant for every batch.
+        want = (300 * prob[b.keys]) ** -beta / (300 * prob.min()) ** -beta
+        np.testing.assert_allclose(b.weights, want, rtol=3e-7)
+        assert b.weights.max() < 1.0 and b.shard_size == 300
         assert b.shard_total == pytest.approx(scaled.sum(), rel=1e-12)
+        assert b.shard_min == scaled.min()
+
+
+def test_importance_weights_never_exceed_one():
+    """A replay minimum seen at another moment may be above a probability drawn since:
+    that item gets the largest weight, 1, not more."""
+    probs = np.array([0.01, 0.02, 0.04])
+    w = shard_module.importance_weights(probs, 100, 0.5, min_prob=0.02)
+    np.testing.assert_allclose(w, [1.0, 1.0, (0.04 / 0.02) ** -0.5], rtol=1e-7)
+    # Without the replay's minimum: relative to the batch's own least probability.
+    w = shard_module.importance_weights(probs, 100, 0.5)
+    np.testing.assert_allclose(w, [1.0, 2**-0.5, 0.5], rtol=1e-7)
+
+
+def test_least_priority_follows_updates_and_eviction():
+    rng = np.random.default_rng(11)
+    shard = ReplayShard(40, alpha=1.0, eps=0.0)
+    assert shard.min_priority == np.inf  # empty: no item bounds the weights
+    shard.add(synthetic_chunk(1, 0, np.arange(1.0, 31.0), rng))  # keys 0..29: 1..30
+    assert shard.min_priority == 1.0
+    shard.update_priorities(np.array([0, 1]), np.array([50.0, 0.5]))
+    assert shard.min_priority == 0.5
+    shard.update_priorities(np.array([1]), np.array([60.0]))
+    assert shard.min_priority == 3.0
+    shard.add(synthetic_chunk(1, 100, np.full(20, 40.0), rng))  # evicts keys 0..9
+    assert shard.oldest_key == 10 and shard.min_priority == 11.0
+    check_invariants(shard)
 
 
 def test_sample_returns_contiguous_uint8_batches():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from apex_dqn.replay.sum_tree import SumTree
 
 # Upper 0.1% point of the chi-square distribution with 15 degrees of freedom
@@ -16,11 +17,14 @@ def leaves(tree: SumTree) -> np.ndarray:
 
 
 def assert_consistent(tree: SumTree) -> None:
-    """Every internal node is exactly the sum of its two children."""
+    """Every internal node is exactly the sum of its two children, and the least
+    positive leaf is the least positive value stored (+inf when there is none)."""
     nodes, n = tree._nodes, tree._leaves
     for i in range(1, n):
         assert nodes[i] == nodes[2 * i] + nodes[2 * i + 1], f"node {i}"
     assert not nodes[n + tree.capacity :].any(), "padding leaves hold no mass"
+    values = leaves(tree)
+    assert tree.min == (values[values > 0].min() if (values > 0).any() else np.inf)
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 3, 7, 64, 100, 1000])
@@ -60,6 +64,30 @@ def test_scattered_and_range_writes_keep_every_node_exact():
         assert np.array_equal(leaves(tree), ref)
     assert_consistent(tree)
     assert tree.total == pytest.approx(ref.sum(), rel=1e-12)
+
+
+def test_least_positive_leaf_after_scattered_and_range_writes():
+    rng = np.random.default_rng(4)
+    capacity = 100
+    tree, ref = SumTree(capacity), np.zeros(capacity)
+    assert tree.min == np.inf
+    for _ in range(400):
+        if rng.random() < 0.5:
+            idx = rng.integers(0, capacity, rng.integers(1, 30))
+            vals = rng.random(len(idx)) * (rng.random(len(idx)) < 0.7)
+            tree.set(idx, vals)
+            for i, v in zip(idx, vals, strict=True):
+                ref[i] = v
+        else:  # a run, as a replay inserts (positive) and evicts (zero)
+            start = int(rng.integers(0, capacity))
+            vals = rng.random(int(rng.integers(0, capacity - start + 1)))
+            vals *= rng.random() < 0.7
+            tree.set_range(start, vals)
+            ref[start : start + len(vals)] = vals
+        positive = ref[ref > 0]
+        assert tree.min == (positive.min() if len(positive) else np.inf)
+    tree.set_range(0, np.zeros(capacity))  # all evicted: no least priority
+    assert tree.min == np.inf and tree.total == 0.0
 
 
 def test_duplicate_indices_last_value_wins():

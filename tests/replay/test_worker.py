@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from apex_dqn.common.envs import FRAME_SHAPE, STACK
 
+from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from tests.replay.recorder import RecordedStream
 
 pytestmark = pytest.mark.ray
@@ -34,13 +34,13 @@ def test_shard_worker_add_sample_update(ray_local):
             stored += ray.get(shard.add.remote(chunk))
             emitted.extend(rec.emitted[before:])
     stats = ray.get(shard.stats.remote())
-    assert stored == len(emitted) and stats["dropped"] == 0
-    assert stats["size"] == 300 and stats["added"] == len(emitted) > 300
+    assert stored == len(emitted) and stats.dropped == 0
+    assert stats.size == 300 and stats.added == len(emitted) > 300
 
     batch = ray.get(shard.sample.remote(64, 0.4))
     assert batch.obs.shape == batch.next_obs.shape == (64, STACK, *FRAME_SHAPE)
     assert batch.obs.dtype == np.uint8
-    base = stats["first_key"]  # keys of each shard incarnation start at their own offset
+    base = stats.first_key  # keys of each shard incarnation start at their own offset
     keys = batch.keys - base
     assert (keys >= len(emitted) - 300).all() and (keys < len(emitted)).all()
     for i, key in enumerate(keys.tolist()):  # what the actor saw, through Ray
@@ -69,6 +69,9 @@ def test_shard_worker_add_sample_update(ray_local):
         if drawn is not None:
             break
     assert drawn is not None and drawn.shard == 0 and len(drawn.batch) == 32
-    assert drawn.weights.max() == pytest.approx(1.0)
+    # Normalised by the replay's largest weight, that of its least priority.
+    least = ray.get(shard.stats.remote()).min_priority
+    priorities = drawn.batch.probs * drawn.batch.shard_total
+    np.testing.assert_allclose(drawn.weights, (priorities / least) ** -0.4, rtol=1e-6)
     sampler.update_priorities(0, drawn.batch.keys, np.ones(32))
     ray.kill(shard)

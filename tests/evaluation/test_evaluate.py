@@ -1,4 +1,4 @@
-"""The evaluator on the real Space Invaders ROM, its Ray wrapper, and its command.
+"""The evaluator on the real Space Invaders ROM, its Ray host, and its command.
 
 Episodes are capped at 2,000 frames (500 agent steps) to keep this fast, so most are
 truncated rather than played to game over.
@@ -12,11 +12,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from apex_dqn.actors.evaluate import Evaluator, EvaluatorWorker, main
+
 from apex_dqn.common import checkpoint
 from apex_dqn.common.config import Config
 from apex_dqn.common.networks import QNetwork, build_network, state_dict_to_numpy
 from apex_dqn.common.video import decode_gif, read_video
+from apex_dqn.evaluation.evaluate import main
+from apex_dqn.evaluation.evaluator import Evaluator
+from apex_dqn.evaluation.worker import EvaluatorWorker, start_evaluator
 from apex_dqn.learner.learning import Learner
 
 pytestmark = [pytest.mark.rom, pytest.mark.usefixtures("one_torch_thread")]
@@ -132,10 +135,8 @@ def test_worker_evaluates_published_numpy_weights():
 @pytest.mark.ray
 def test_worker_over_ray_takes_the_weights_ref(ray_local):
     ray = ray_local
-    worker = (
-        ray.remote(EvaluatorWorker)
-        .options(num_cpus=0)
-        .remote(CFG, NUM_ACTIONS, num_envs=1, epsilon=0.0, max_episode_frames=SHORT, video=False)
+    worker = start_evaluator(
+        CFG, NUM_ACTIONS, num_envs=1, epsilon=0.0, max_episode_frames=SHORT, video=False
     )
     ref = ray.put(state_dict_to_numpy(constant_policy_net(NOOP)))
     out = ray.get(worker.evaluate.remote(3, ref, 1), timeout=120)
@@ -203,18 +204,18 @@ def test_command_accepts_a_run_directory_and_writes_gif(saved_checkpoint, tmp_pa
 def test_command_refuses_bad_options(saved_checkpoint, argv, message, capsys):
     assert main(["--checkpoint", str(saved_checkpoint), *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("evaluate: error: ") and message in err
+    assert err.startswith("apex-dqn-evaluate: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_command_bad_path_is_one_line_and_exit_code_2(tmp_path):
     missing = tmp_path / "nope.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "actors.evaluate", "--checkpoint", str(missing)],
+        [sys.executable, "-m", "apex_dqn.evaluation.evaluate", "--checkpoint", str(missing)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"evaluate: error: checkpoint {missing} does not exist"
+    assert proc.stderr.strip() == f"apex-dqn-evaluate: error: checkpoint {missing} does not exist"
     assert proc.stdout == ""

@@ -10,10 +10,11 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from apex_dqn.common.config import Config
-from apex_dqn.common.plot import load_run, main, moving_average
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
+
+from apex_dqn.common.config import Config
+from apex_dqn.evaluation.plot import load_run, main, moving_average
 
 T0 = 1_600_000_000.0  # wall times in the past, as a real run's
 
@@ -89,7 +90,10 @@ def test_missing_tags_and_directories_are_one_line_errors(tmp_path, capsys):
     writer.close()
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("plot: error: no 'charts/episodic_return'") and "losses/td_loss" in err
+    assert (
+        err.startswith("apex-dqn-plot: error: no 'charts/episodic_return'")
+        and "losses/td_loss" in err
+    )
     assert len(err.strip().splitlines()) == 1
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -99,13 +103,13 @@ def test_missing_tags_and_directories_are_one_line_errors(tmp_path, capsys):
 
 def test_command_line_exit_code_for_a_missing_directory(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "common.plot", str(tmp_path / "nope")],
+        [sys.executable, "-m", "apex_dqn.evaluation.plot", str(tmp_path / "nope")],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"plot: error: {tmp_path / 'nope'} is not a directory"
+    assert proc.stderr.strip() == f"apex-dqn-plot: error: {tmp_path / 'nope'} is not a directory"
 
 
 def test_moving_average_is_a_trailing_mean():

@@ -1,13 +1,15 @@
 """Learning curves from a run's TensorBoard event files.
 
-    python -m common.plot RUN_DIR [--out curve.png]
+    python -m apex_dqn.evaluation.plot RUN_DIR [--out curve.png]
+    apex-dqn-plot RUN_DIR [--out curve.png]
 
 Draws the episodic return against environment frames and against wall-clock training
 time, side by side: every training episode as a faint dot with its moving average, and,
 when the run has them, the evaluation means with a band of one standard deviation.
 A resumed run has one event file per session; the time axis adds up the sessions'
 durations and leaves out the time between them. Needs matplotlib
-(``pip install 'apex-dqn[plot]'``); draws off-screen (Agg), so it works headless.
+(``pip install 'apex-dqn[plot]'``); draws off-screen (Agg), so it works headless. A run
+that cannot be plotted is one line, ``apex-dqn-plot: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,17 +19,22 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from apex_dqn.common.protocol import reference_scores
+
+from apex_dqn.common.cli import CommandError, run_command
+from apex_dqn.evaluation.protocol import reference_scores
+
+PROG = "apex-dqn-plot"
 
 TRAIN_TAG = "charts/episodic_return"
 EVAL_TAG = "eval/episodic_return_mean"
 EVAL_STD_TAG = "eval/episodic_return_std"
 
 
-class PlotError(RuntimeError):
-    """The run cannot be plotted; the message is one line."""
+class PlotError(CommandError):
+    """The run cannot be plotted; the message is one line (a user error of the command)."""
 
 
 @dataclass
@@ -44,12 +51,15 @@ class Series:
 
 @dataclass
 class Run:
+    """Every scalar of a run by tag, and its game when the run logged its config."""
+
     directory: Path
     scalars: dict[str, Series]
     game: str | None
 
 
 def event_files(run_dir: str | Path) -> list[Path]:
+    """The run's event files (one per session); :class:`PlotError` when there are none."""
     d = Path(run_dir)
     if not d.is_dir():
         raise PlotError(f"{d} is not a directory")
@@ -104,7 +114,7 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(Path(run_dir), scalars, game)
 
 
-def _game_of(acc) -> str | None:
+def _game_of(acc: Any) -> str | None:
     """The game from the ``config`` text the driver logs (a ``|game|value|`` row)."""
     if "config/text_summary" not in acc.Tags().get("tensors", []):
         return None
@@ -195,9 +205,10 @@ def plot_run(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: a run directory, and what to draw from it."""
     p = argparse.ArgumentParser(
-        prog="python -m common.plot",
+        prog=PROG,
         description="Draw a run's learning curve (episodic return vs frames and vs time).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -207,27 +218,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tag", default=EVAL_TAG, help="evaluation mean return scalar")
     p.add_argument("--smooth", type=int, default=100, help="episodes in the moving average")
     p.add_argument("--game", default=None, help="game for reference lines (default: the run's)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the run, draw its curves, and say what was drawn."""
+    if args.smooth < 1:
+        raise PlotError(f"--smooth={args.smooth} is invalid: must be positive")
     try:
-        if args.smooth < 1:
-            raise PlotError(f"--smooth={args.smooth} is invalid: must be positive")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise PlotError("matplotlib is not installed: pip install 'apex-dqn[plot]'") from exc
-        run = load_run(args.run_dir)
-        out = args.out or Path(args.run_dir) / "curve.png"
-        path = plot_run(run, out, train_tag=args.tag, eval_tag=args.eval_tag,
-                        smooth=args.smooth, game=args.game)  # fmt: skip
-    except PlotError as exc:
-        print(f"plot: error: {exc}", file=sys.stderr)
-        return 2
-    train, evals = run.scalars.get(args.tag), run.scalars.get(args.eval_tag)
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise PlotError("matplotlib is not installed: pip install 'apex-dqn[plot]'") from exc
+    loaded = load_run(args.run_dir)
+    out = args.out or Path(args.run_dir) / "curve.png"
+    path = plot_run(loaded, out, train_tag=args.tag, eval_tag=args.eval_tag,
+                    smooth=args.smooth, game=args.game)  # fmt: skip
+    train, evals = loaded.scalars.get(args.tag), loaded.scalars.get(args.eval_tag)
     print(
         f"wrote {path}: {len(train) if train else 0} training episodes, "
         f"{len(evals) if evals else 0} evaluations"
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; returns its exit status (2 for a user error)."""
+    return run_command(PROG, lambda a: run(build_parser().parse_args(a)), argv)
 
 
 if __name__ == "__main__":

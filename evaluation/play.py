@@ -1,7 +1,7 @@
 """Play the game yourself, or watch a checkpoint play, in a window or to a video file.
 
-    python -m actors.play human [--game space_invaders]
-    python -m actors.play watch --checkpoint RUN_DIR_OR_FILE [--episodes 1] [--video out.mp4]
+    python -m apex_dqn.evaluation.play human [--game space_invaders]
+    apex-dqn-play watch --checkpoint RUN_DIR_OR_FILE [--episodes 1] [--video out.mp4]
 
 ``human`` runs ``gymnasium.utils.play.play`` on the reference env, under the agent's
 conditions (frame skip, no-op starts, the frame cap), and prints each game's unclipped
@@ -9,7 +9,9 @@ score. Keys: arrows move, space fires (W/A/S/D work too), Esc quits.
 ``watch`` plays a checkpoint's network with the evaluation protocol; with ``--video`` it
 writes a file instead of opening a window, which works on a headless machine.
 
-A window needs pygame (``pip install 'apex-dqn[play]'``) and a display.
+A window needs pygame (``pip install 'apex-dqn[play]'``) and a display. A user error
+(no display, a missing checkpoint, an invalid option) is one line,
+``apex-dqn-play: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ import sys
 from typing import Any
 
 import numpy as np
+
+from apex_dqn.common.cli import CommandError, run_command
 from apex_dqn.common.config import Config, normalize_game
-from apex_dqn.common.protocol import ALE_FPS, EVAL_EPSILON, EVAL_MAX_EPISODE_FRAMES, EVAL_NOOP_MAX
+from apex_dqn.evaluation.protocol import (
+    ALE_FPS,
+    EVAL_EPSILON,
+    EVAL_MAX_EPISODE_FRAMES,
+    EVAL_NOOP_MAX,
+)
 
-
-class CommandError(RuntimeError):
-    """Ends the command with a one-line message and exit code 2."""
+PROG = "apex-dqn-play"
 
 
 def display_problem() -> str | None:
@@ -85,6 +92,7 @@ def keys_to_action(env: Any) -> dict[tuple[int, ...], int]:
 
 
 def play_human(cfg: Config, *, episodes: int, zoom: float, fps: float, seed: int | None) -> None:
+    """Play ``episodes`` games (0: until Esc) at ``fps`` agent steps a second."""
     pygame = _need_window("play on a machine with a screen")
     from gymnasium.utils.play import play
 
@@ -145,22 +153,18 @@ class Window:
 
 
 def watch(args: argparse.Namespace) -> None:
+    """Play the checkpoint's games in a window, or record them all to one video file."""
     window_needed = not args.video
     pygame = _need_window("write a file with --video out.mp4") if window_needed else None
     if args.video:
-        from apex_dqn.common.video import VideoError, check_video_path
+        from apex_dqn.common.video import check_video_path
 
-        try:
-            check_video_path(args.video)
-        except VideoError as exc:
-            raise CommandError(str(exc)) from exc
-    from apex_dqn.actors import evaluate
+        check_video_path(args.video)  # a VideoError is a user error: one line
+    from apex_dqn.evaluation.evaluator import Evaluator
+    from apex_dqn.evaluation.policy import load_policy
 
-    try:
-        cfg, net, payload = evaluate.load_policy(args.checkpoint)
-    except evaluate.CommandError as exc:
-        raise CommandError(str(exc)) from exc
-    evaluator = evaluate.Evaluator(
+    cfg, net, payload = load_policy(args.checkpoint)
+    evaluator = Evaluator(
         cfg,
         net,
         num_envs=1,
@@ -206,7 +210,7 @@ def watch(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m actors.play",
+        prog=PROG,
         description="Play Atari yourself, or watch a checkpoint play.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -260,6 +264,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Check the options, then play as a human (agent's conditions) or watch a checkpoint."""
     _check(args)
     if args.mode == "watch":
         watch(args)
@@ -281,13 +286,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except CommandError as exc:
-        print(f"play: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """The command; returns its exit status (2 for a user error)."""
+    return run_command(PROG, lambda a: run(build_parser().parse_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 import torch
-from apex_dqn.actors import play
+
 from apex_dqn.common import checkpoint
 from apex_dqn.common.config import Config
 from apex_dqn.common.video import read_video
+from apex_dqn.evaluation import play
 from apex_dqn.learner.learning import Learner
 
 pytestmark = pytest.mark.rom
@@ -52,7 +53,7 @@ def saved_checkpoint(tmp_path_factory):
 )
 def test_headless_machine_gets_one_line_and_exit_code_2(argv):
     proc = subprocess.run(
-        [sys.executable, "-m", "actors.play", *argv],
+        [sys.executable, "-m", "apex_dqn.evaluation.play", *argv],
         capture_output=True,
         text=True,
         env=headless_env(),
@@ -61,7 +62,9 @@ def test_headless_machine_gets_one_line_and_exit_code_2(argv):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("play: error: no display (DISPLAY and WAYLAND_DISPLAY are not set)")
+    assert lines[0].startswith(
+        "apex-dqn-play: error: no display (DISPLAY and WAYLAND_DISPLAY are not set)"
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -93,7 +96,7 @@ def test_watch_bad_checkpoint_with_video_is_one_line(tmp_path, capsys):
     code = play.main(["watch", "--checkpoint", str(tmp_path / "x.pt"), "--video", "o.gif"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
-        f"play: error: checkpoint {tmp_path / 'x.pt'} does not exist"
+        f"apex-dqn-play: error: checkpoint {tmp_path / 'x.pt'} does not exist"
     )
 
 
