@@ -136,11 +136,19 @@ class Driver:
     def __init__(self, cfg: Config, resume: dict | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        from apex_dqn.driver.metrics import Counters, RunMetrics, config_table
+        from apex_dqn.driver.metrics import (
+            Counters,
+            RunMetrics,
+            config_table,
+            custom_scalars_layout,
+            write_hparams,
+        )
 
         self.cfg = cfg
         self.writer = SummaryWriter(cfg.logdir)
         self.writer.add_text("config", config_table(cfg), global_step=0)
+        self.writer.add_custom_scalars(custom_scalars_layout())
+        write_hparams(self.writer, cfg)
         counters = Counters(**resume["counters"]) if resume else Counters()
         self.metrics = RunMetrics(cfg, self.writer, counters)
         self.supervisor, self.evaluation = build_program(

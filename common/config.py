@@ -45,6 +45,8 @@ RMSPROP_ALPHA = 0.95
 RENAMED = {"adam_eps": "optimizer_eps"}
 EPSILON_SPREADS = ("env", "actor")
 PRECISIONS = ("auto", "float32", "bfloat16")
+WORKER_CHARTS = ("auto", "on", "off")
+WORKER_CHARTS_AUTO_MAX = 8  # "auto": per-worker charts for populations up to this many
 
 # Bytes one stored transition costs in a full replay shard (one 84x84 frame plus
 # keys, indices and the sum tree); used only to size the default replay capacity.
@@ -153,6 +155,12 @@ class Config:
     )
     resume: str = _f("", "continue the run whose checkpoints are in this directory")
     log_interval_s: float = _f(10.0, "seconds between console lines and TensorBoard points")
+    worker_charts: str = _f(
+        "auto",
+        f"TensorBoard charts per actor and per shard (auto: on up to {WORKER_CHARTS_AUTO_MAX} "
+        "actors); aggregates over all of them are always logged",
+        choices=WORKER_CHARTS,
+    )
     checkpoint_interval_s: float = _f(300.0, "seconds between checkpoints")
     keep_checkpoints: int = _f(3, "checkpoints kept on disk")
 
@@ -278,6 +286,7 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
         ("optimizer", OPTIMIZERS),
         ("epsilon_spread", EPSILON_SPREADS),
         ("actor_precision", PRECISIONS),
+        ("worker_charts", WORKER_CHARTS),
     ):
         if getattr(cfg, name) not in allowed:
             value = getattr(cfg, name)

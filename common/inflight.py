@@ -39,10 +39,10 @@ class InFlight(Generic[Tag]):
     def refs(self) -> list[Any]:
         return list(self._tags)
 
-    def discard(self, keep: Callable[[Tag], bool]) -> int:
-        """Forget the calls whose tag ``keep`` rejects (their answers are not wanted);
+    def drop(self, unwanted: Callable[[Tag], bool]) -> int:
+        """Forget the calls whose tag is ``unwanted`` (their answers no longer matter);
         returns how many were forgotten."""
-        gone = [ref for ref, tag in self._tags.items() if not keep(tag)]
+        gone = [ref for ref, tag in self._tags.items() if unwanted(tag)]
         for ref in gone:
             del self._tags[ref]
         return len(gone)

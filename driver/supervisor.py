@@ -178,7 +178,7 @@ class Supervisor:
         state, source = self._restore()
         self.learner_restarts += 1
         print(f"the learner died; restarting it from {source}", flush=True)
-        self._probes.discard(lambda c: c is not self.learner)  # asked the dead one
+        self._probes.drop(lambda c: c is self.learner)  # asked the dead one
         self.learner = Component("learner", 0, self._new_learner(state))
         for a in self.actors.values():  # one that is down gets it when its loop restarts
             a.handle.set_learner.remote(self.learner.handle)
