@@ -25,10 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apex_dqn.common import checkpoint
-from apex_dqn.common.cli import fail
-from apex_dqn.common.config import Config, ConfigError, from_args, resolve_auto, validate
-from apex_dqn.driver import session
+try:
+    from apex_dqn.common import checkpoint
+    from apex_dqn.common.cli import fail
+    from apex_dqn.common.config import Config, ConfigError, from_args, resolve_auto, validate
+    from apex_dqn.driver import session
+except ModuleNotFoundError as exc:  # run from a checkout that was never installed
+    if exc.name != "apex_dqn":
+        raise
+    print("train.py: error: the apex_dqn package is not installed: run `pip install "
+          "torch==2.13.0 && pip install -e .` in the repository first", file=sys.stderr)
+    sys.exit(2)
 
 PROG = "train.py"
 
