@@ -28,8 +28,15 @@ from typing import Any
 try:
     from apex_dqn.common import checkpoint
     from apex_dqn.common.cli import fail
-    from apex_dqn.common.config import Config, ConfigError, from_args, resolve_auto, validate
-    from apex_dqn.driver import session
+    from apex_dqn.common.config import (
+        Config,
+        ConfigError,
+        from_args,
+        resolve_auto,
+        resume_config,
+        validate,
+    )
+    from apex_dqn.driver import rundir, session
 except ModuleNotFoundError as exc:  # run from a checkout that was never installed
     if exc.name != "apex_dqn":
         raise
@@ -40,33 +47,59 @@ except ModuleNotFoundError as exc:  # run from a checkout that was never install
 PROG = "train.py"
 
 
-def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None]:
+def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None, rundir.Run]:
     """Parse and validate everything that can be checked before Ray starts.
 
     Returns the config (autos resolved from this machine when Ray will be local), the
-    checkpoint to resume from, and the address of the cluster to join, if any.
+    checkpoint to resume from, the address of the cluster to join, if any, and the run:
+    its directory and id.
+
+    A new run gets a directory that holds no other run (:func:`rundir.check_new`; the
+    default one is created here, empty). ``--resume`` loads the checkpoint and takes
+    every setting from it; flags given change the run's settings, except the structural
+    ones (:data:`checkpoint.STRUCTURAL`), and each change is printed as
+    ``changed on resume: --lr 0.0001 -> 5e-05`` (:func:`resume_config`). A checkpoint
+    that is not one, or whose learner state does not fit the networks its config names,
+    is refused here in one line; the file is only read.
     """
     try:
         cfg = from_args(argv)
     except ConfigError as exc:
         fail(PROG, str(exc))
-    resume = None
-    address = session.cluster_address(cfg)
+    resume, changes, run = None, [], None
     try:
-        validate(cfg)
         if cfg.resume:
             resume = checkpoint.load(cfg.resume)
+            cfg, changes = resume_config(
+                resume["config"], argv, fixed=checkpoint.STRUCTURAL,
+                source=f"checkpoint {resume['path']}",
+            )  # fmt: skip
+            validate(cfg)
+            run = rundir.for_resume(resume["path"], resume["run_id"], cfg.logdir)
+            cfg = cfg.replace(logdir=str(run.directory))
+        else:
+            validate(cfg)
+            if cfg.logdir:
+                rundir.check_new(cfg.logdir)
+                run = rundir.Run(Path(cfg.logdir), checkpoint.new_run_id())
+        address = session.cluster_address(cfg)
         if address is None:
             cpus, gpus, memory = _local_resources()
             cfg = resolve_auto(cfg, cpus=cpus, gpus=gpus, memory_bytes=memory)
             validate(cfg, gpus=gpus)
         if resume is not None:
-            checkpoint.check_compatible(resume["config"], cfg.to_dict(), resume["path"])
-            if not cfg.logdir or cfg.logdir.startswith("runs" + os.sep):
-                cfg = cfg.replace(logdir=str(Path(resume["path"]).parent))
+            from apex_dqn.common.envs import num_actions
+            from apex_dqn.learner.learning import check_learner_state
+
+            check_learner_state(cfg, num_actions(cfg.game), resume["learner"], resume["path"])
     except (ConfigError, checkpoint.CheckpointError) as exc:
         fail(PROG, str(exc))
-    return cfg, resume, address
+    if run is None:  # the default directory, taken only once everything else passed
+        run = rundir.Run(rundir.new_default(cfg.game), checkpoint.new_run_id())
+    cfg = cfg.replace(logdir=str(run.directory))
+    for change in changes:
+        print(f"changed on resume: {change}", flush=True)
+    return cfg, resume, address, run
 
 
 def _local_resources() -> tuple[int, int, int]:
@@ -99,18 +132,25 @@ def build_program(cfg: Config, learner_state: dict | None, writer: Any) -> tuple
     from apex_dqn.driver.supervisor import Supervisor
     from apex_dqn.evaluation.periodic import PeriodicEvaluation
     from apex_dqn.learner.worker import start_learner
-    from apex_dqn.replay.worker import reserved_memory, start_shard
+    from apex_dqn.replay.worker import plan_placement, reserved_memory, start_shard
 
     actions = num_actions(cfg.game)
     per_shard = cfg.replay_capacity // cfg.replay_shards
     memory = reserved_memory(per_shard)
+    placement = plan_placement(
+        cfg.replay_placement, cfg.replay_shards, per_shard, gpu=cfg.device == "cuda"
+    )
+    print(placement.message, flush=True)
     shards = [
-        start_shard(s, per_shard, cfg.priority_alpha, seed=cfg.seed + s, memory=memory)
+        start_shard(
+            s, per_shard, cfg.priority_alpha, seed=cfg.seed + s, memory=memory,
+            placement=placement, wire=cfg.replay_wire,
+        )
         for s in range(cfg.replay_shards)
-    ]
+    ]  # fmt: skip
 
     def new_learner(state: dict | None) -> Any:
-        return start_learner(cfg, shards, actions, state)
+        return start_learner(cfg, shards, actions, state, node=placement.learner_node)
 
     def new_actor(i: int, learner: Any) -> Any:  # actor i pushes to shard i % S
         return start_actor(cfg, i, shards[i % len(shards)], learner, actions)
@@ -129,18 +169,26 @@ def build_program(cfg: Config, learner_state: dict | None, writer: Any) -> tuple
 
 
 def _newest_learner_state(logdir: str) -> tuple[dict | None, str]:
-    """The learner's state in the newest checkpoint, and where it came from."""
-    try:
-        saved = checkpoint.load(logdir)
-    except checkpoint.CheckpointError as exc:
-        return None, f"scratch ({exc})"
-    return saved["learner"], saved["path"]
+    """The learner's state in the run's newest readable checkpoint, and where it came from
+    (the one before if the newest cannot be read: a learner never restarts blank while
+    the run has a checkpoint to give it)."""
+    found = checkpoint.list_checkpoints(logdir, checkpoint.read_run_id(logdir))
+    for path in reversed(found):
+        try:
+            return checkpoint.load(path)["learner"], str(path)
+        except checkpoint.CheckpointError as exc:
+            print(f"cannot restart the learner from {path}: {exc}", flush=True)
+    return None, "scratch (no checkpoint of this run yet)"
 
 
 class Driver:
-    """Runs the program until the frame budget is spent; checkpoints; shuts it down."""
+    """Runs the program until the frame budget is spent; checkpoints; shuts it down.
 
-    def __init__(self, cfg: Config, resume: dict | None):
+    ``run_id`` is the run's id: stored in each checkpoint, whose pruning touches only the
+    run's own files (:mod:`apex_dqn.common.checkpoint`).
+    """
+
+    def __init__(self, cfg: Config, resume: dict | None, run_id: str):
         from torch.utils.tensorboard import SummaryWriter
 
         from apex_dqn.driver.metrics import (
@@ -151,7 +199,7 @@ class Driver:
             write_hparams,
         )
 
-        self.cfg = cfg
+        self.cfg, self.run_id = cfg, run_id
         self.writer = SummaryWriter(cfg.logdir)
         self.writer.add_text("config", config_table(cfg), global_step=0)
         self.writer.add_custom_scalars(custom_scalars_layout())
@@ -194,7 +242,12 @@ class Driver:
             self.evaluation.finish()
 
     def save_checkpoint(self) -> Path | None:
-        """The learner's state and the driver's counters, written atomically."""
+        """The learner's state and the driver's counters, written atomically as a
+        checkpoint of this run; only this run's older checkpoints are pruned.
+
+        A checkpoint that cannot be taken (the learner does not answer, the disk is full)
+        is reported in one line and the run goes on: the previous one is still there.
+        """
         import ray
 
         try:
@@ -202,22 +255,27 @@ class Driver:
         except (ray.exceptions.RayError, TimeoutError) as exc:
             print(f"no checkpoint: the learner did not answer ({type(exc).__name__})", flush=True)
             return None
-        path = checkpoint.save(
-            self.cfg.logdir,
-            {"config": self.cfg.to_dict(), "learner": state,
-             "counters": vars(self.metrics.counters).copy()},
-            step=int(state["updates"]),
-            keep=self.cfg.keep_checkpoints,
-        )  # fmt: skip
+        try:
+            path = checkpoint.save(
+                self.cfg.logdir,
+                {"run_id": self.run_id, "config": self.cfg.to_dict(), "learner": state,
+                 "counters": vars(self.metrics.counters).copy()},
+                step=int(state["updates"]),
+                keep=self.cfg.keep_checkpoints,
+                run_id=self.run_id,
+            )  # fmt: skip
+        except (checkpoint.CheckpointError, OSError) as exc:
+            print(f"no checkpoint: {exc}", flush=True)
+            return None
         print(f"checkpoint {path}", flush=True)
         return path
 
     def final_checkpoint(self) -> None:
-        """Save a last checkpoint; if the learner is gone, say which one the run has."""
-        if self.save_checkpoint() is None:  # a signal reached Ray's processes too
-            kept = checkpoint.list_checkpoints(self.cfg.logdir)
+        """Save a last checkpoint; if that fails, say which one the run continues from."""
+        if self.save_checkpoint() is None:  # e.g. a signal reached Ray's processes too
+            kept = checkpoint.list_checkpoints(self.cfg.logdir, self.run_id)
             print(f"the run continues from {kept[-1] if kept else 'nothing: no checkpoint'}"
-                  " with --resume", flush=True)  # fmt: skip
+                  f" with --resume {self.cfg.logdir}", flush=True)  # fmt: skip
 
     def shutdown(self) -> None:
         self.supervisor.stop()
@@ -225,12 +283,13 @@ class Driver:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume, address = prepare(argv)
+    cfg, resume, address, run = prepare(argv)
     import ray
 
     session.start_ray(cfg, address)
     try:
         cfg = resolve_on_cluster(cfg)
+        rundir.claim(run)  # just before the run first writes to its directory
     except ConfigError as exc:
         ray.shutdown()
         fail(PROG, str(exc))
@@ -245,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     driver = None
     try:
-        driver = Driver(cfg, resume)
+        driver = Driver(cfg, resume, run.run_id)
         driver.run()
     except KeyboardInterrupt:
         print("\ninterrupted: saving a checkpoint before stopping", flush=True)

@@ -6,8 +6,9 @@
 Chunks are made the way actors make them: ``NStepAccumulator`` over ``--streams`` actors of
 ``--envs`` envs each, pushing every ``--push-period`` steps, episodes ending at random
 (geometric, mean ``--episode-steps`` steps), chunks of the streams interleaved. Frame
-*contents* come from a shared pool of random frames (they do not change any figure
-here), so making the chunks costs little and is not timed.
+*contents* come from a shared pool of random frames (they change none of the storage
+figures, only the wire figures below, which take real frames), so making the chunks
+costs little and is not timed.
 
 Measured, on one shard in this process:
 
@@ -29,6 +30,29 @@ next_obs stacks (2 x 4 x 84 x 84 uint8) per transition with the same sum tree, m
 in the same run on the same chunks (with a smaller capacity: its bytes per transition do
 not depend on capacity), and the ratios.
 
+Then what a sampled batch costs on the wire, the bytes that cross the network when the
+learner is on another node than the shard, for each ``--replay-wire`` format: ``raw``
+(stacked obs and next_obs), ``frames`` (a ``CompactBatch``: the batch's distinct frames
+once, stacks as rows of them) and ``zstd`` (those frames compressed as one zstd frame):
+
+* ``wire_bytes_per_sampled_transition``: the batch as Ray moves it, pickled with protocol
+  5, the pickle stream plus its out-of-band buffers (Ray sends numpy arrays as such
+  buffers, so ``len(pickle.dumps(batch))`` alone would leave them out), per transition.
+  The standard ``pickle`` makes the same stream as Ray's cloudpickle for these classes,
+  which are importable, and needs no Ray (``--no-ray``);
+* ``wire_encode512_ms``: the shard's side of one request of 512, ``sample`` in that
+  format, the pickling, and the copy of the stream and buffers into one block of memory
+  mapped beforehand (Ray copies them into its object store, shared memory it maps once);
+* ``wire_decode512_ms``: the learner's side, unpickling (zero-copy) and ``to_torch`` on
+  the CPU, which expands a compact batch with one gather (and decompresses it first);
+* ``wire_zstd_by_level``: zstd levels 1, 2 and 3 on the distinct frames of one batch,
+  bytes per transition and compression time (``ZSTD_LEVEL`` is the one used).
+
+Compressibility depends on what the frames show, so this shard (``--wire-capacity``) is
+filled from the real emulator, Space Invaders under random play, with ``--real-frames``
+(the default; ``wire_frames`` in the JSON says which frames were used), and from the
+random-byte pool above (incompressible: zstd then saves nothing) without.
+
 Then the learner's view over Ray: ``--ray-shards`` (default 1 and 2) ``ReplayShardWorker``
 processes (``num_cpus=0``, as ``train.py`` makes them), filled, sampled by
 ``learner.pipeline.RaySampler`` with ``--prefetch`` requests in flight, a priority
@@ -47,6 +71,7 @@ import argparse
 import gc
 import json
 import os
+import pickle
 import time
 from collections.abc import Callable
 
@@ -54,19 +79,29 @@ import numpy as np
 
 from apex_dqn.actors.nstep import NStepAccumulator
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
-from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, TransitionChunk
+from apex_dqn.common.messages import (
+    WIRE_FORMATS,
+    ZERO_FRAME,
+    ZSTD_LEVEL,
+    CompactBatch,
+    SampledBatch,
+    TransitionChunk,
+    compress_frames,
+)
 from apex_dqn.replay.shard import ReplayShard, importance_weights
 from apex_dqn.replay.sum_tree import SumTree
 
 BATCH = 512
 BETA = 0.4
 ALPHA = 0.6
+GAME = "space_invaders"  # the real frames of the wire measurement
 
 TARGETS = {
     "bytes_per_transition": 7_500,  # at most
     "insert_per_s": 20_000,  # at least
     "sample512_ms": 10.0,  # at most
     "update512_ms": 2.0,  # at most
+    "wire_zstd_bytes_per_transition": 12_000,  # at most, on real frames
 }
 
 
@@ -111,6 +146,42 @@ def make_chunks(
                 chunks.append(chunk)
                 total += len(chunk)
     return chunks
+
+
+def real_chunks(
+    transitions: int, envs: int, push_period: int, seed: int, n: int = 3, gamma: float = 0.99
+) -> list[TransitionChunk]:
+    """Chunks of ``GAME`` under random play, made as an actor makes them: ale-py's vector
+    env with the run's preprocessing (``make_vector_env``) through ``NStepAccumulator``."""
+    from apex_dqn.common.config import Config
+    from apex_dqn.common.envs import make_vector_env
+
+    env = make_vector_env(Config(game=GAME), envs, threads=1)
+    try:
+        rng = np.random.default_rng(seed)
+        obs, _ = env.reset(seed=seed)
+        actions = int(env.single_action_space.n)
+        acc = NStepAccumulator(envs, n, gamma, 0, False)
+        acc.start(obs)
+        no = np.zeros(envs, dtype=bool)
+        chunks: list[TransitionChunk] = []
+        total, step = 0, 0
+        while total < transitions:
+            step += 1
+            q = rng.normal(size=envs).astype(np.float32)
+            acc.bootstrap(q)
+            action = rng.integers(0, actions, envs)
+            acc.record(action, q)
+            env.send(action)
+            obs, reward, terminated, truncated, _ = env.recv()
+            acc.observe(obs, np.clip(reward, -1.0, 1.0), terminated, truncated, no)
+            if step % push_period == 0:
+                chunk = acc.flush()
+                chunks.append(chunk)
+                total += len(chunk)
+        return chunks
+    finally:
+        env.close()
 
 
 # ------------------------------------------------------------------------- baseline
@@ -270,6 +341,80 @@ def measure_buffer(buffer, chunks: list[TransitionChunk], capacity: int, reps: i
     }
 
 
+def serialize(batch: SampledBatch | CompactBatch) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """``batch`` as Ray serializes it: pickled with protocol 5, numpy arrays out of band."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(batch, protocol=5, buffer_callback=buffers.append)
+    return data, buffers
+
+
+def wire_bytes(data: bytes, buffers: list[pickle.PickleBuffer]) -> int:
+    """The bytes that travel: the pickle stream and every out-of-band buffer."""
+    return len(data) + sum(b.raw().nbytes for b in buffers)
+
+
+def measure_wire(shard: ReplayShard, reps: int) -> dict:
+    """Bytes per sampled transition, the shard's encoding and the learner's decoding
+    time per batch of 512, for each format of :data:`WIRE_FORMATS`, on one full shard."""
+    import torch
+
+    from apex_dqn.learner.pipeline import Drawn, to_torch
+
+    cpu = torch.device("cpu")
+    # The object store's memory: mapped once and reused, as Ray's is.
+    store = memoryview(bytearray(2 * wire_bytes(*serialize(shard.sample(BATCH, BETA)))))
+
+    def encode(wire: str) -> int:
+        data, buffers = serialize(shard.sample(BATCH, BETA, wire))
+        view, at = store, len(data)
+        view[:at] = data
+        for b in buffers:
+            raw = b.raw()
+            view[at : at + raw.nbytes] = raw
+            at += raw.nbytes
+        return at
+
+    out: dict[str, dict] = {k: {} for k in ("bytes", "enc", "enc_cpu", "dec", "dec_cpu")}
+    distinct = []
+    for wire in WIRE_FORMATS:
+        enc = latency_ms(lambda wire=wire: encode(wire), reps)
+        sizes = []
+        for _ in range(5):
+            batch = shard.sample(BATCH, BETA, wire)
+            sizes.append(wire_bytes(*serialize(batch)) / BATCH)
+            if isinstance(batch, CompactBatch):
+                distinct.append(batch.num_frames / BATCH)
+        data, buffers = serialize(batch)
+        weights = np.ones(BATCH, dtype=np.float32)
+
+        def decode(data=data, buffers=buffers, weights=weights) -> None:
+            tb = to_torch(Drawn(0, pickle.loads(data, buffers=buffers), weights), cpu)
+            assert tb.obs.shape == (BATCH, STACK, *FRAME_SHAPE)
+
+        dec = latency_ms(decode, reps)
+        out["bytes"][wire] = float(np.mean(sizes))
+        out["enc"][wire], out["enc_cpu"][wire] = enc["ms"], enc["cpu_ms"]
+        out["dec"][wire], out["dec_cpu"][wire] = dec["ms"], dec["cpu_ms"]
+    # zstd levels 1-3 on the distinct frames of one batch: what each saves, and costs.
+    frames = shard.sample(BATCH, BETA, "frames").frames
+    levels = {}
+    for level in (1, 2, 3):
+        size = len(compress_frames(frames, level)) / BATCH
+        timed = latency_ms(lambda level=level: compress_frames(frames, level), reps)
+        levels[str(level)] = {"bytes_per_transition": size, "encode_ms": timed["ms"],
+                              "encode_cpu_ms": timed["cpu_ms"]}  # fmt: skip
+    return {
+        "wire_bytes_per_sampled_transition": out["bytes"],
+        "wire_encode512_ms": out["enc"],
+        "wire_encode512_cpu_ms": out["enc_cpu"],
+        "wire_decode512_ms": out["dec"],
+        "wire_decode512_cpu_ms": out["dec_cpu"],
+        "wire_distinct_frames_per_transition": float(np.mean(distinct)),
+        "wire_zstd_level": ZSTD_LEVEL,
+        "wire_zstd_by_level": levels,
+    }
+
+
 def measure_ray(chunks, capacity: int, shard_counts: list[int], prefetch: int, seconds: float):
     """Samples/s the learner's RaySampler receives from S shard processes, S in shard_counts."""
     import ray
@@ -339,6 +484,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ray-seconds", type=float, default=8.0)
     parser.add_argument("--prefetch", type=int, default=4, help="sample requests in flight")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray measurement")
+    parser.add_argument("--wire-capacity", type=int, default=50_000,
+                        help="the shard the wire formats are measured on")  # fmt: skip
+    parser.add_argument(
+        "--real-frames", action=argparse.BooleanOptionalAction, default=True,
+        help=f"fill the wire measurement's shard from {GAME} under random play",
+    )  # fmt: skip
     parser.add_argument("--streams", type=int, default=4, help="actors pushing, interleaved")
     parser.add_argument("--envs", type=int, default=8, help="envs per actor")
     parser.add_argument("--push-period", type=int, default=50, help="actor steps per chunk")
@@ -348,6 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.capacity, args.naive_capacity, args.ray_capacity = 20_000, 4_000, 8_000
+        args.wire_capacity = 4_000
         args.ray_seconds, args.reps = 3.0, 20
 
     # Enough chunks to fill each buffer and then insert a quarter more into it full.
@@ -384,6 +536,23 @@ def main(argv: list[str] | None = None) -> dict:
     del naive_buffer
     gc.collect()
 
+    if args.real_frames:
+        t0 = time.perf_counter()
+        wire_chunks = real_chunks(int(args.wire_capacity * 1.1), args.envs, args.push_period,
+                                  args.seed)  # fmt: skip
+        frames_used = f"{GAME} random play"
+        log(f"made {len(wire_chunks)} chunks of {frames_used} in {time.perf_counter() - t0:.1f}s")
+    else:
+        wire_chunks, frames_used = enough(args.wire_capacity), "synthetic random bytes"
+    wire_shard = ReplayShard(args.wire_capacity, ALPHA, seed=args.seed)
+    for chunk in wire_chunks:
+        wire_shard.add(chunk)
+    wire = measure_wire(wire_shard, args.reps)
+    wire["wire_frames"] = frames_used
+    log(f"wire  (capacity {len(wire_shard):,}, {frames_used}): {json.dumps(_rounded(wire))}")
+    del wire_shard, wire_chunks
+    gc.collect()
+
     result: dict = dict(ours)
     result.update({f"naive_{k}": v for k, v in naive.items()})
     result.update(
@@ -404,17 +573,24 @@ def main(argv: list[str] | None = None) -> dict:
             result[f"shards_{count}_samples_per_s"] = rate
         if 1 in rates and 2 in rates:
             result["shards_2_over_1"] = rates[2] / rates[1]
+    result.update(wire)
     result["meets_targets"] = {
         "bytes_per_transition": ours["bytes_per_transition"] <= TARGETS["bytes_per_transition"],
         "insert_per_s": ours["insert_per_s"] >= TARGETS["insert_per_s"],
         "sample512_ms": ours["sample512_ms"] <= TARGETS["sample512_ms"],
         "update512_ms": ours["update512_ms"] <= TARGETS["update512_ms"],
     }
+    if args.real_frames:  # random bytes do not compress: no target for them
+        result["meets_targets"]["wire_zstd_bytes_per_transition"] = (
+            wire["wire_bytes_per_sampled_transition"]["zstd"]
+            <= TARGETS["wire_zstd_bytes_per_transition"]
+        )
     result.update(
         {
             "capacity": args.capacity,
             "naive_capacity": args.naive_capacity,
             "ray_capacity_per_shard": args.ray_capacity,
+            "wire_capacity": args.wire_capacity,
             "frames_per_transition": frames_per_transition,
             "dropped": stats.dropped,
             "streams": args.streams,
@@ -432,7 +608,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _rounded(d: dict) -> dict:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+    return {
+        k: round(v, 4) if isinstance(v, float) else _rounded(v) if isinstance(v, dict) else v
+        for k, v in d.items()
+    }
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ EPSILON_SPREADS = ("env", "actor")
 PRECISIONS = ("auto", "float32", "bfloat16")
 WORKER_CHARTS = ("auto", "on", "off")
 WORKER_CHARTS_AUTO_MAX = 8  # "auto": per-worker charts for populations up to this many
+REPLAY_PLACEMENTS = ("auto", "learner", "spread")
+REPLAY_WIRES = ("auto", "raw", "frames", "zstd")
 
 # Bytes one stored transition costs in a full replay shard (one 84x84 frame plus
 # keys, indices and the sum tree); used only to size the default replay capacity.
@@ -122,6 +124,18 @@ class Config:
     priority_alpha: float = _f(0.6, "prioritization exponent alpha")
     priority_beta: float = _f(0.4, "initial importance-sampling exponent beta")
     beta_anneal_updates: int = _f(500_000, "learner updates over which beta rises to 1")
+    replay_placement: str = _f(
+        "auto",
+        "where shards run: on the learner's node, spread over nodes, or auto (the learner's "
+        "node when its memory holds them all)",
+        choices=REPLAY_PLACEMENTS,
+    )
+    replay_wire: str = _f(
+        "auto",
+        "batches from shards to the learner: stacked (raw), distinct frames once (frames), "
+        "those compressed (zstd), or auto (raw on the learner's node, zstd across nodes)",
+        choices=REPLAY_WIRES,
+    )
     # --- learner -----------------------------------------------------------------------
     network: str = _f("nature", "Q-network torso", choices=NETWORKS)
     dueling: bool = _f(True, "dueling value/advantage head")
@@ -149,11 +163,19 @@ class Config:
     preset: str = _f("", f"named settings ({', '.join(PRESETS)}); flags given still win")
     total_frames: int = _f(20_000_000, "stop after this many environment frames")
     seed: int = _f(0, "random seed")
-    logdir: str = _f("", "TensorBoard and checkpoint directory (empty: runs/<game>-<time>)")
+    logdir: str = _f(
+        "",
+        "TensorBoard and checkpoint directory, one run's alone (empty: runs/<game>-<time>; "
+        "on --resume: the run's directory)",
+    )
     address: str = _f(
         "", "Ray cluster to join (empty: RAY_ADDRESS, a running ray start, else local)"
     )
-    resume: str = _f("", "continue the run whose checkpoints are in this directory")
+    resume: str = _f(
+        "",
+        "continue a run (its directory, or one checkpoint file) with the settings it saved; "
+        "flags given change them",
+    )
     log_interval_s: float = _f(10.0, "seconds between console lines and TensorBoard points")
     worker_charts: str = _f(
         "auto",
@@ -216,12 +238,16 @@ def resolve_auto(cfg: Config, *, cpus: int, gpus: int, memory_bytes: int) -> Con
     if cfg.batch_size == 0:
         changes["batch_size"] = 512 if device == "cuda" else 64
     if not cfg.logdir:
-        import time
-
-        changes["logdir"] = os.path.join(
-            "runs", f"{changes['game']}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
+        changes["logdir"] = default_logdir(changes["game"])
     return resolve_optimizer(cfg.replace(**changes))
+
+
+def default_logdir(game: str) -> str:
+    """``runs/<game>-<date>-<time>``: where a run writes unless ``--logdir`` is given
+    (``train.py`` adds ``-2``, ``-3``, ... when another run took the name that second)."""
+    import time
+
+    return os.path.join("runs", f"{normalize_game(game)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def resolve_optimizer(cfg: Config) -> Config:
@@ -287,6 +313,8 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
         ("epsilon_spread", EPSILON_SPREADS),
         ("actor_precision", PRECISIONS),
         ("worker_charts", WORKER_CHARTS),
+        ("replay_placement", REPLAY_PLACEMENTS),
+        ("replay_wire", REPLAY_WIRES),
     ):
         if getattr(cfg, name) not in allowed:
             value = getattr(cfg, name)
@@ -385,3 +413,92 @@ def from_args(argv: list[str] | None = None) -> Config:
         given = vars(build_parser(only_given=True).parse_args(argv))
         args.update({k: v for k, v in PRESETS[args["preset"]].items() if k not in given})
     return Config(**args)
+
+
+# Settings that say where and how this process runs rather than what the run is: a
+# resumed run takes them from its own command line (or their defaults), never from the
+# checkpoint, and giving them is no change of the run. The device is one: the learner's
+# state moves to any device, and a run saved on a GPU machine resumes on a CPU one; so
+# are where the shards go and how their batches travel, which depend on the cluster.
+PROCESS_SETTINGS = (
+    "address", "resume", "logdir", "device", "replay_placement", "replay_wire",
+)  # fmt: skip
+
+
+def _show(value: Any) -> str:
+    """A setting's value as written on a command line; the empty string as ``''``."""
+    return "''" if value == "" else str(value)
+
+
+def _check_saved_types(saved: Config, source: str) -> None:
+    """A saved config read back must hold values of the fields' types (an int for a float
+    is fine); anything else is a file that is not ours, reported in one line."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    for f in dataclasses.fields(Config):
+        value, allowed = getattr(saved, f.name), kinds[str(f.type)]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ConfigError(
+                f"{source} is malformed: its setting {f.name}={value!r} is not a {f.type}"
+            )
+
+
+def resume_config(
+    saved: dict[str, Any],
+    argv: list[str] | None,
+    *,
+    fixed: tuple[str, ...] = (),
+    source: str = "the checkpoint",
+) -> tuple[Config, list[str]]:
+    """The config of a resumed run: the checkpoint's, changed by the flags given.
+
+    Every setting comes from ``saved`` (read by :meth:`Config.from_dict`), except
+
+    * :data:`PROCESS_SETTINGS`: from the command line, or their defaults;
+    * settings given on the command line, and, with ``--preset NAME``, that preset's
+      settings not given: they replace the saved ones;
+    * ``fixed`` settings (the checkpoint's structural ones): giving one a value other
+      than the saved one raises :class:`ConfigError` naming both; the game is compared
+      by ROM (:func:`normalize_game`).
+
+    ``lr`` and ``optimizer_eps`` given as 0 become the optimizer's defaults
+    (:func:`resolve_optimizer`), as in a new run; other autos given as 0 are resolved
+    later by :func:`resolve_auto`. Returns the config and one line per changed setting,
+    ``--lr 0.0001 -> 5e-05`` (old value from the checkpoint, new value in effect).
+    ``source`` names the checkpoint in messages.
+    """
+    given = vars(build_parser(only_given=True).parse_args(argv))
+    preset = given.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"--preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}")
+    base = Config.from_dict(saved)
+    _check_saved_types(base, source)
+    base = resolve_optimizer(base)
+    wanted: dict[str, tuple[Any, str]] = {  # setting -> (value, where it came from)
+        k: (v, f" (from --preset {preset})") for k, v in PRESETS.get(preset, {}).items()
+    }
+    wanted.update({k: (v, "") for k, v in given.items()})
+    for name in fixed:
+        if name not in wanted:
+            continue
+        value, origin = wanted[name]
+        old = getattr(base, name)
+        same = normalize_game(value) == normalize_game(old) if name == "game" else value == old
+        if not same:
+            raise ConfigError(
+                f"--{_flag(name)} {_show(value)}{origin} cannot change on resume: {source} "
+                f"was trained with {name}={old!r}, and a run keeps its {', '.join(fixed)}"
+            )
+        wanted[name] = (old, origin)
+    process = {
+        f.name: given.get(f.name, f.default)
+        for f in dataclasses.fields(Config)
+        if f.name in PROCESS_SETTINGS
+    }
+    run = {k: v for k, (v, _) in wanted.items() if k not in PROCESS_SETTINGS}
+    cfg = resolve_optimizer(base.replace(**run, **process))
+    changes = [
+        f"--{_flag(name)} {_show(getattr(base, name))} -> {_show(getattr(cfg, name))}"
+        for name in (f.name for f in dataclasses.fields(Config))
+        if name in run and getattr(base, name) != getattr(cfg, name)
+    ]
+    return cfg, changes

@@ -1,6 +1,7 @@
-"""Messages that cross process boundaries: a chunk of transitions, a sampled batch.
+"""Messages that cross process boundaries: a chunk of transitions, a sampled batch
+(stacked, or compact: its distinct frames once).
 
-Both are plain dataclasses of numpy arrays, so Ray moves them through its object store
+They are plain dataclasses of numpy arrays, so Ray moves them through its object store
 with zero-copy reads and they need no Ray to build in tests.
 """
 
@@ -140,3 +141,98 @@ class LearnerStats:
     weights_version: int  # the version of the newest published weights
     input_wait_s: float  # seconds the train loop waited for a batch, since it started
     metrics: dict[str, float]  # TensorBoard tag -> mean since the last report
+
+
+# ---------------------------------------------------------------------- compact batches
+WIRE_FORMATS = ("raw", "frames", "zstd")
+"""How a shard sends a batch: stacked (``SampledBatch``), or its distinct frames once
+(``CompactBatch``), as they are or compressed with zstd."""
+
+ZSTD_LEVEL = 2
+"""zstd level of a compact batch. On the distinct frames of batches of 512 from a shard of
+Space Invaders frames (``wire_zstd_by_level`` in ``benchmarks/replay.py``), level 1 gave
+~840 B per transition for ~10.6 ms of CPU, level 2 ~650 B for ~9.4 ms and level 3 ~560 B
+for ~11.9 ms: level 2 is the fastest of the three, and the shard serves one call at a
+time, so its encoding time bounds the batches it can serve."""
+
+
+def compress_frames(frames: np.ndarray, level: int = ZSTD_LEVEL) -> np.ndarray:
+    """``frames`` (F, 84, 84) uint8 as one zstd frame, a (C,) uint8 array.
+
+    One frame for all of them, not one each: the frames of a transition's two stacks are
+    up to seven consecutive screens of one episode, nearly alike, and only a window that
+    spans several of them finds that (on Space Invaders ~650 B per transition, against
+    ~7,200 B when every 84x84 frame is compressed alone).
+    """
+    import zstandard
+
+    packed = zstandard.ZstdCompressor(level=level).compress(np.ascontiguousarray(frames))
+    return np.frombuffer(packed, dtype=np.uint8)
+
+
+@dataclass
+class CompactBatch:
+    """A sampled batch as it crosses the network: the batch's distinct frames once, its
+    stacks as indices into them.
+
+    ``obs[i, j] = frames[obs_index[i, j]]`` and ``next_obs[i, j] = frames[next_index[i, j]]``
+    rebuild the stacks of a ``SampledBatch`` bit for bit (:meth:`expand`; on a GPU,
+    ``learner.pipeline.expand_on_device``). A stacked batch sends 8 frames per transition.
+    Here a stack (frames t-3..t) and its n-step bootstrap stack (t+n-3..t+n) share 4 - n
+    frames, so 7 are distinct at n = 3; the zero frame of episode starts goes once for the
+    whole batch, and transitions close in time share frames too: F <= 8 B. With ``codec="zstd"``
+    ``frames`` holds them compressed (:func:`compress_frames`), which on Atari screens
+    takes them from ~7 KB to ~100 B each. The metadata is that of ``SampledBatch``.
+    """
+
+    frames: np.ndarray  # (F, 84, 84) uint8 distinct frames; codec "zstd": (C,) uint8 of them
+    codec: str  # "none" or "zstd"
+    num_frames: int  # F
+    obs_index: np.ndarray  # (B, 4) int32 rows of the distinct frames
+    next_index: np.ndarray  # (B, 4) int32
+    actions: np.ndarray  # (B,) int64
+    returns: np.ndarray  # (B,) float32
+    discounts: np.ndarray  # (B,) float32
+    weights: np.ndarray  # (B,) float32 importance weights, max 1
+    keys: np.ndarray  # (B,) int64 replay keys, for priority updates
+    probs: np.ndarray  # (B,) float64 sampling probability within the shard
+    shard_size: int  # items in the shard when sampled
+    shard_total: float  # the shard's total priority mass when sampled
+    shard_min: float = float("inf")  # its least live priority then; inf: not reported
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def wire(self) -> str:
+        """Its format among :data:`WIRE_FORMATS`."""
+        return "zstd" if self.codec == "zstd" else "frames"
+
+    def distinct_frames(self) -> np.ndarray:
+        """The (F, 84, 84) uint8 distinct frames, decompressed if they came compressed."""
+        from apex_dqn.common.envs import FRAME_SHAPE
+
+        if self.codec == "none":
+            return self.frames
+        if self.codec != "zstd":
+            raise ValueError(f"unknown codec {self.codec!r} of a compact batch")
+        import zstandard
+
+        size = self.num_frames * FRAME_SHAPE[0] * FRAME_SHAPE[1]
+        raw = zstandard.ZstdDecompressor().decompress(self.frames, max_output_size=size)
+        if len(raw) != size:
+            raise ValueError(f"a compact batch decompressed to {len(raw)} bytes, not {size}")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(self.num_frames, *FRAME_SHAPE)
+
+    def expand(self) -> SampledBatch:
+        """The stacked batch: one gather, ``np.take``, into one contiguous (2, B, 4, 84, 84)
+        array whose halves are obs and next_obs (the layout ``ReplayShard`` samples into)."""
+        frames = self.distinct_frames()
+        index = np.stack([self.obs_index, self.next_index])  # (2, B, 4)
+        stacks = np.take(frames, index.ravel(), axis=0).reshape(*index.shape, *frames.shape[1:])
+        return SampledBatch(
+            obs=stacks[0], actions=self.actions, returns=self.returns,
+            discounts=self.discounts, next_obs=stacks[1], weights=self.weights,
+            keys=self.keys, probs=self.probs, shard_size=self.shard_size,
+            shard_total=self.shard_total, shard_min=self.shard_min,
+        )  # fmt: skip

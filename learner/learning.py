@@ -16,11 +16,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from apex_dqn.common.checkpoint import CheckpointError, check_network_state
 from apex_dqn.common.config import RMSPROP_ALPHA, Config, resolve_optimizer
 from apex_dqn.common.networks import build_network
 from apex_dqn.common.schedules import linear
@@ -144,7 +146,49 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Networks, optimizer moments and update count from ``state``; the learning rate
+        and epsilon stay this learner's (``cfg``): torch's ``Optimizer.load_state_dict``
+        takes them from the saved state, so a rate changed on resume would be ignored."""
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"], group["eps"] = self.cfg.lr, self.cfg.optimizer_eps
         self.updates = int(state["updates"])
+
+
+def check_learner_state(cfg: Config, num_actions: int, state: dict[str, Any], path: str) -> None:
+    """Refuse a learner state that does not fit the networks and optimizer ``cfg`` names.
+
+    Checked before Ray starts because the learner loads the state in its own process,
+    where a mismatch would fail it again at every restart. Each network's tensors must
+    have the names and shapes of the ``cfg.network`` network for the game's action count;
+    the optimizer state must load into ``cfg.optimizer`` over those parameters, with
+    moments of the parameters' shapes.
+    """
+    for key in ("online", "target", "optimizer", "updates"):
+        if key not in state:
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: its learner state lacks {key!r}"
+            )
+    head = "dueling " if cfg.dueling else ""
+    what = f"a {cfg.network} {head}network for {cfg.game}"
+    learner = Learner(cfg.replace(compile=False, amp=False), num_actions, "cpu")
+    for name in ("online", "target"):
+        expected = getattr(learner, name).state_dict()
+        check_network_state(state[name], expected, path, what, name)
+    try:
+        learner.load_state_dict(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {what}: its optimizer state is not that of "
+            f"{cfg.optimizer} over this network ({type(exc).__name__})"
+        ) from exc
+    for group in learner.optimizer.param_groups:
+        for param in group["params"]:
+            for value in learner.optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                    raise CheckpointError(
+                        f"checkpoint {path} does not fit {what}: its optimizer state has "
+                        f"{tuple(value.shape)} for a parameter of {tuple(param.shape)}"
+                    )

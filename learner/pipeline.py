@@ -23,6 +23,13 @@ one constant for every batch whatever shard it came from. Normalising each batch
 own maximum instead would cancel P(s): a batch of a high-mass shard would be weighted as
 if its shard were the whole replay, i.e. more than one unsharded replay weights it.
 
+A shard sends a batch stacked (``SampledBatch``) or compact (``CompactBatch``: its
+distinct frames once, perhaps compressed, and each stack as rows of them), in the format
+the run's ``--replay-wire`` gives for a learner on this node (``replay.worker.wire_for``;
+the sampler tells each shard its node). ``to_torch`` takes both: a compact batch is
+expanded with one gather, on the host with numpy, or on a GPU after one copy of its
+distinct frames (:func:`expand_on_device`).
+
 ``Prefetcher`` runs the sampler on a background thread and turns batches into device
 tensors (pinned memory and non-blocking copies on a side CUDA stream) into a small
 bounded queue, so the train step finds its next batch ready; ``hand_over`` makes a
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 
 from apex_dqn.common.inflight import InFlight
-from apex_dqn.common.messages import SampledBatch
+from apex_dqn.common.messages import CompactBatch, SampledBatch
 from apex_dqn.learner.learning import TorchBatch
 from apex_dqn.replay.shard import ReplayShard, importance_weights
 
@@ -54,7 +61,7 @@ class Drawn:
     """A batch, where it came from, and its importance weights over all shards."""
 
     shard: int
-    batch: SampledBatch
+    batch: SampledBatch | CompactBatch
     weights: np.ndarray
 
 
@@ -71,7 +78,7 @@ def _choose(totals: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
     return s, float(p[s])
 
 
-def _least_priority(batch: SampledBatch) -> float:
+def _least_priority(batch: SampledBatch | CompactBatch) -> float:
     """The shard's least live priority when it drew ``batch``: the one it reported, or
     the least among the batch's own items if that is lower (or none was reported), since
     the shard's minimum is at most the priority of any item it holds."""
@@ -79,8 +86,8 @@ def _least_priority(batch: SampledBatch) -> float:
 
 
 def _global_weights(
-    batch: SampledBatch, shard_prob: float, mass: float, min_priority: float, size: int,
-    beta: float,
+    batch: SampledBatch | CompactBatch, shard_prob: float, mass: float, min_priority: float,
+    size: int, beta: float,
 ) -> np.ndarray:  # fmt: skip
     """Weights of ``batch`` over all shards: ``P(i) = shard_prob * probs_i``, normalised
     by the replay's largest weight, that of ``P_min = min_priority / mass``; ``mass`` is
@@ -91,10 +98,12 @@ def _global_weights(
 
 
 class LocalSampler:
-    """Samples in-process shards synchronously."""
+    """Samples in-process shards synchronously, batches in ``wire`` format."""
 
-    def __init__(self, shards: list[ReplayShard], batch_size: int, seed: int = 0):
-        self.shards, self.batch_size = shards, batch_size
+    def __init__(
+        self, shards: list[ReplayShard], batch_size: int, seed: int = 0, wire: str = "raw"
+    ):
+        self.shards, self.batch_size, self.wire = shards, batch_size, wire
         self.rng = np.random.default_rng(seed)
 
     def replay_size(self) -> int:
@@ -106,7 +115,7 @@ class LocalSampler:
         if mass <= 0:
             return None
         s, prob = _choose(totals, self.rng)
-        batch = self.shards[s].sample(self.batch_size, beta)
+        batch = self.shards[s].sample(self.batch_size, beta, self.wire)
         least = min(sh.min_priority for sh, t in zip(self.shards, totals, strict=True) if t > 0)
         weights = _global_weights(batch, prob, mass, least, self.replay_size(), beta)
         return Drawn(s, batch, weights)
@@ -139,6 +148,10 @@ class RaySampler:
     Per shard it keeps the total mass, the size and the least live priority last seen
     (from its stats, and from every batch it serves); a shard marked down counts for
     none of them.
+
+    Every sample request names this process's node, so each shard answers in the wire
+    format the run set for a reader there (stacked on the shard's own node, compressed
+    from another: ``replay.worker.wire_for``); ``draw`` returns either kind of batch.
     """
 
     def __init__(self, shards: list[Any], batch_size: int, prefetch: int, seed: int = 0,
@@ -146,6 +159,7 @@ class RaySampler:
         import ray
 
         self._ray = ray
+        self.node = ray.get_runtime_context().get_node_id()  # where batches are read
         self.shards, self.batch_size, self.prefetch = shards, batch_size, prefetch
         self.refresh_s = refresh_s
         self.rng = np.random.default_rng(seed)
@@ -212,7 +226,7 @@ class RaySampler:
     def _fill(self, beta: float) -> None:
         while len(self._requests) < self.prefetch and (mass := self.totals.sum()) > 0:
             s, prob = _choose(self.totals, self.rng)
-            ref = self.shards[s].sample.remote(self.batch_size, beta)
+            ref = self.shards[s].sample.remote(self.batch_size, beta, reader=self.node)
             self._requests.add(ref, _Request(s, prob, float(mass)))
 
     def _least_priority(self) -> float:
@@ -228,7 +242,7 @@ class RaySampler:
         request, ref = answered[0]
         s = request.shard
         try:
-            batch: SampledBatch = self._ray.get(ref)
+            batch: SampledBatch | CompactBatch = self._ray.get(ref)
         except self._ray.exceptions.RayError:
             # Shard down, restarting or empty: skip it until its stats show data again.
             self._mark_down(s)
@@ -254,8 +268,28 @@ class RaySampler:
             self._updates.take(timeout=None, num=len(self._updates) // 2)
 
 
+def expand_on_device(
+    frames: torch.Tensor, obs_index: torch.Tensor, next_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A compact batch's stacks, rebuilt where ``frames`` (F, 84, 84) are: obs[i, j] =
+    frames[obs_index[i, j]], next_obs[i, j] = frames[next_index[i, j]].
+
+    One ``index_select`` for both, into one (2, B, 4, 84, 84) tensor whose halves they
+    are: on a GPU the host copies only the F distinct frames (F <= 8 B, ~7 B at n = 3)
+    and the gather runs on the device, where it is cheap.
+    """
+    index = torch.stack([obs_index, next_index])  # (2, B, 4)
+    stacks = frames.index_select(0, index.reshape(-1)).view(*index.shape, *frames.shape[1:])
+    return stacks[0], stacks[1]
+
+
 def to_torch(drawn: Drawn, device: torch.device) -> TorchBatch:
-    """Device tensors for a batch; pinned, non-blocking copies when the device is CUDA."""
+    """Device tensors for a batch; pinned, non-blocking copies when the device is CUDA.
+
+    A compact batch is expanded on the host with numpy (``CompactBatch.expand``) for the
+    CPU, and on the device (:func:`expand_on_device`) for CUDA, after one copy of its
+    distinct frames.
+    """
     b = drawn.batch
     cuda = device.type == "cuda"
 
@@ -267,12 +301,19 @@ def to_torch(drawn: Drawn, device: torch.device) -> TorchBatch:
             return tensor.pin_memory().to(device, non_blocking=True)
         return tensor
 
+    if isinstance(b, CompactBatch) and cuda:
+        frames = t(b.distinct_frames())
+        obs, next_obs = expand_on_device(frames, t(b.obs_index), t(b.next_index))
+    else:
+        if isinstance(b, CompactBatch):
+            b = b.expand()
+        obs, next_obs = t(b.obs), t(b.next_obs)
     return TorchBatch(
-        obs=t(b.obs),
+        obs=obs,
         actions=t(b.actions),
         returns=t(b.returns),
         discounts=t(b.discounts),
-        next_obs=t(b.next_obs),
+        next_obs=next_obs,
         weights=t(drawn.weights),
     )
 

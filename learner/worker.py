@@ -113,14 +113,23 @@ class LearnerWorker:
             return _to_cpu(self.learner.state_dict())
 
 
-def start_learner(cfg: Config, shards: list[Any], num_actions: int, state: dict | None) -> Any:
+def start_learner(
+    cfg: Config, shards: list[Any], num_actions: int, state: dict | None, node: str | None = None
+) -> Any:
     """The learner as a Ray actor, from ``state`` (a checkpoint's) or from scratch.
 
-    1 CPU (its train loop keeps a core busy) and 1 GPU with ``--device cuda``; default
-    placement, so it sits on the driver's node when that node has room. Ray does not
-    restart it (``max_restarts=0``): the driver does, from the newest checkpoint,
-    because a blank learner would throw the run's learning away.
+    1 CPU (its train loop keeps a core busy) and 1 GPU with ``--device cuda``; pinned,
+    softly, to ``node`` (the driver's, when it can host the learner:
+    ``replay.worker.learner_node``), the node the replay shards are placed relative to;
+    elsewhere only if that node has no room. Ray does not restart it (``max_restarts=0``):
+    the driver does, from the newest checkpoint, because a blank learner would throw the
+    run's learning away.
     """
+    strategy: Any = "DEFAULT"
+    if node is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
     return (
         ray.remote(LearnerWorker)
         .options(
@@ -128,6 +137,7 @@ def start_learner(cfg: Config, shards: list[Any], num_actions: int, state: dict 
             num_gpus=1 if cfg.device == "cuda" else 0,
             max_concurrency=4,  # run() trains; latest_weights(), stats(), state() answer
             max_restarts=0,
+            scheduling_strategy=strategy,
         )
         .remote(cfg, shards, num_actions, state)
     )

@@ -9,8 +9,15 @@ discount, sum and min trees, reference count, free list) and the pool's slack be
 with one gather, ``np.take(frames, slots)``, straight into the batch's contiguous arrays. That
 gather is the copy the learner's batch needs anyway: a naive buffer copies the same
 29 MB per batch of 512, in rows of 28 KB rather than 7 KB, which makes it only ~1.4x
-faster (``benchmarks/replay.py``). There is no codec on the sampling path: compressing
-stacks would cost a decode per sampled stack and still store each frame up to 8 times.
+faster (``benchmarks/replay.py``). Storage has no codec: compressing stacks would cost a
+decode per sampled stack and still store each frame up to 8 times.
+
+On the wire. A stacked batch is 56,448 B per transition, what crosses the network when
+the learner is on another node. ``sample(..., wire="frames")`` sends a
+:class:`CompactBatch` instead: the batch's distinct frames once (a stack and its n-step
+bootstrap stack share frames, 7 distinct of 8 at n = 3) and each stack as four row
+numbers, which the learner expands with one gather; ``wire="zstd"`` also compresses
+those frames as one zstd frame, ~740 B per transition on Space Invaders.
 
 Frame slots. An episode of L steps brings L + 1 frames for its L transitions, the
 oldest live items still name up to 3 frames of evicted ones, and each stream pins its
@@ -52,7 +59,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
-from apex_dqn.common.messages import ZERO_FRAME, SampledBatch, ShardStats, TransitionChunk
+from apex_dqn.common.messages import (
+    WIRE_FORMATS,
+    ZERO_FRAME,
+    CompactBatch,
+    SampledBatch,
+    ShardStats,
+    TransitionChunk,
+    compress_frames,
+)
 from apex_dqn.replay.sum_tree import SumTree
 
 MAX_STREAMS = 4096  # stream tails remembered; the least recently pushing is forgotten first
@@ -305,12 +320,19 @@ class ReplayShard:
         return (np.abs(np.asarray(priorities, dtype=np.float64)) + self.eps) ** self.alpha
 
     # ------------------------------------------------------------------------ sampling
-    def sample(self, batch_size: int, beta: float) -> SampledBatch:
+    def sample(
+        self, batch_size: int, beta: float, wire: str = "raw"
+    ) -> SampledBatch | CompactBatch:
         """Draw ``batch_size`` items with probability p_i^alpha / sum_k p_k^alpha.
 
         ``weights`` treat this shard as the whole replay (normalised by its own least
         priority); a sampler over several shards recomputes them over all of them.
+        ``wire`` (:data:`WIRE_FORMATS`): ``"raw"`` returns stacked obs and next_obs,
+        ``"frames"`` and ``"zstd"`` a :class:`CompactBatch` of the same draw (the same
+        random numbers, so the same keys for the same seed).
         """
+        if wire not in WIRE_FORMATS:
+            raise ValueError(f"unknown wire format {wire!r}: one of {', '.join(WIRE_FORMATS)}")
         if len(self) == 0:
             raise ValueError("cannot sample from an empty replay shard")
         total = self.tree.total
@@ -318,42 +340,71 @@ class ReplayShard:
         probs = self.tree.get(items) / total
         keys = self.oldest_key + (items - self.oldest_key) % self.capacity
         weights = importance_weights(probs, len(self), beta, self.tree.min / total)
-        return self._batch(items, keys, probs, weights, total)
+        return self._batch(items, keys, probs, weights, total, wire)
 
-    def lookup(self, keys: np.ndarray) -> SampledBatch:
+    def lookup(self, keys: np.ndarray, wire: str = "raw") -> SampledBatch | CompactBatch:
         """The transitions stored under live ``keys``, rebuilt exactly as ``sample`` does.
 
         Weights are 1 and ``probs`` the probabilities ``sample`` would draw them with.
         Raises ``KeyError`` if a key is not live (never stored, or evicted).
         """
+        if wire not in WIRE_FORMATS:
+            raise ValueError(f"unknown wire format {wire!r}: one of {', '.join(WIRE_FORMATS)}")
         keys = np.asarray(keys, dtype=np.int64).ravel()
         if np.any((keys < self.oldest_key) | (keys >= self.next_key)):
             raise KeyError(f"keys outside the live range [{self.oldest_key}, {self.next_key})")
         items = keys % self.capacity
         total = self.tree.total
         probs = self.tree.get(items) / total
-        return self._batch(items, keys, probs, np.ones(len(keys), dtype=np.float32), total)
+        ones = np.ones(len(keys), dtype=np.float32)
+        return self._batch(items, keys, probs, ones, total, wire)
 
     def _batch(
         self, items: np.ndarray, keys: np.ndarray, probs: np.ndarray, weights: np.ndarray,
-        total: float,
-    ) -> SampledBatch:  # fmt: skip
-        # One gather for both stacks, laid out (2, B, 4, 84, 84): obs and next_obs are
-        # each a contiguous half of it.
-        slots = self.slots[items].transpose(1, 0, 2).ravel()
-        stacks = np.take(self.frames, slots, axis=0).reshape(2, len(items), STACK, *FRAME_SHAPE)
-        return SampledBatch(
-            obs=stacks[0],
+        total: float, wire: str = "raw",
+    ) -> SampledBatch | CompactBatch:  # fmt: skip
+        meta = dict(
             actions=self.actions[items].astype(np.int64),
             returns=self.returns[items],
             discounts=self.discounts[items],
-            next_obs=stacks[1],
             weights=weights,
             keys=keys,
             probs=probs,
             shard_size=len(self),
             shard_total=total,
             shard_min=self.tree.min,
+        )
+        if wire != "raw":
+            return self._compact(items, wire == "zstd", meta)
+        # One gather for both stacks, laid out (2, B, 4, 84, 84): obs and next_obs are
+        # each a contiguous half of it.
+        slots = self.slots[items].transpose(1, 0, 2).ravel()
+        stacks = np.take(self.frames, slots, axis=0).reshape(2, len(items), STACK, *FRAME_SHAPE)
+        return SampledBatch(obs=stacks[0], next_obs=stacks[1], **meta)
+
+    def _compact(self, items: np.ndarray, compress: bool, meta: dict) -> CompactBatch:
+        """The batch's distinct frame slots, gathered once, and each stack as (B, 4) rows of
+        them: ``np.unique`` over the batch's 8 B slots, the zero slot among them if used.
+
+        Rows are in the order the slots first appear in the batch (item by item, obs then
+        bootstrap stack), so a transition's frames, consecutive screens of one episode, lie
+        side by side whatever the slots' layout in the pool: that is what lets zstd's
+        window find them alike.
+        """
+        slots = self.slots[items].ravel()  # (B * 2 * 4,): item, then obs/next, then frame
+        distinct, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rows = np.empty(len(order), dtype=np.int32)
+        rows[order] = np.arange(len(order), dtype=np.int32)
+        index = rows[inverse.ravel()].reshape(len(items), 2, STACK)
+        frames = np.take(self.frames, distinct[order], axis=0)
+        return CompactBatch(
+            frames=compress_frames(frames) if compress else frames,
+            codec="zstd" if compress else "none",
+            num_frames=len(order),
+            obs_index=np.ascontiguousarray(index[:, 0]),
+            next_index=np.ascontiguousarray(index[:, 1]),
+            **meta,
         )
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:

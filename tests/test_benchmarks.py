@@ -39,10 +39,24 @@ def test_actor_benchmark():
     assert out["ms_per_step_env"] > 0 and out["ms_per_step_inference"] > 0
 
 
+@pytest.mark.rom  # the wire figures are measured on Space Invaders' frames
 def test_replay_benchmark():
     out = _run("apex_dqn.benchmarks.replay", "--quick", "--no-ray")
     assert out["bytes_per_transition"] < out["naive_bytes_per_transition"]
     assert out["insert_per_s"] > 0 and out["sample512_ms"] > 0
+    # Bytes on the wire per sampled transition: the stacked batch's 8 frames (56,448 B)
+    # and a little metadata; fewer distinct frames; those compressed, on real screens.
+    wire = out["wire_bytes_per_sampled_transition"]
+    assert set(wire) == {"raw", "frames", "zstd"}
+    assert 8 * 84 * 84 < wire["raw"] < 8 * 84 * 84 + 200
+    distinct = out["wire_distinct_frames_per_transition"]
+    assert 1 <= distinct <= 7 + 1e-9  # n = 3: a stack and its bootstrap share a frame
+    assert wire["frames"] == pytest.approx(distinct * 84 * 84, abs=200)
+    assert out["wire_frames"] == "space_invaders random play"
+    assert wire["zstd"] < wire["frames"] / 10
+    assert out["meets_targets"]["wire_zstd_bytes_per_transition"] is True
+    for name in ("wire_encode512_ms", "wire_decode512_ms"):
+        assert set(out[name]) == set(wire) and all(v > 0 for v in out[name].values())
 
 
 def test_learner_benchmark_without_ray():

@@ -1,8 +1,9 @@
 """``python train.py`` end to end: real Ray, the real Space Invaders ROM, a tiny config.
 
 One short run is shared by most tests (learning, weights reaching the actors, target
-updates, replay fed by every actor, TensorBoard tags, the checkpoint); then a resume of
-it, and a separate run stopped with Ctrl-C.
+updates, replay fed by every actor, TensorBoard tags, the checkpoint); then it is
+resumed with changed settings and killed, and resumed again with nothing but
+``--resume``; and separate runs are stopped with Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def test_run_reaches_its_frames_and_checkpoints(first_run):
     logdir, output, saved, _ = first_run
     assert "reached" in output and "Traceback" not in output
     assert len(checkpoint.list_checkpoints(logdir)) == 1
+    assert saved["run_id"] == checkpoint.read_run_id(logdir) == checkpoint.owner(saved["path"])
     counters, learner = saved["counters"], saved["learner"]
     assert counters["env_frames"] >= FIRST_FRAMES
     assert counters["episodes"] > 0 and np.isfinite(counters["best_score"])
@@ -136,30 +138,96 @@ def test_tensorboard_holds_the_documented_tags(first_run):
     assert all(v == 0 for _, v in scalars["eval/episodic_return_std"])
 
 
-def test_resume_continues_counters_and_training(first_run):
-    logdir, _, saved, _ = first_run
-    frames, updates = saved["counters"]["env_frames"], saved["learner"]["updates"]
-    run = TrainRun([*TINY, "--resume", str(logdir), "--total-frames", str(RESUMED_FRAMES)])
+def _file_state(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def _settings_line(output: str) -> str:
+    (line,) = [x for x in output.splitlines() if x.startswith("apex-dqn: ")]
+    return line
+
+
+def _wait_for_checkpoint_past(run: TrainRun, updates: int) -> int:
+    """The update count of the first checkpoint the run writes with more than ``updates``."""
+    after = 0
+    while True:
+        m = run.wait_for(r"^checkpoint .*checkpoint-(\d+)\.pt$", after=after)
+        if int(m.group(1)) > updates:
+            return int(m.group(1))
+        after = run.lines.index(m.string, after) + 1
+
+
+def test_a_killed_run_resumes_with_only_resume(first_run):
+    """The first run, resumed with two changed settings, is killed (SIGKILL: no final
+    checkpoint); ``--resume DIR`` alone then continues it with the settings it saved and
+    its counters. Other runs' checkpoints in the directory are never touched."""
+    logdir, first_output, saved, _ = first_run
+    frames, updates, run_id = (
+        saved["counters"]["env_frames"], saved["learner"]["updates"], saved["run_id"]
+    )
+    # Checkpoints of two other runs (one from before runs had ids) left in the directory.
+    foreign = checkpoint.save(
+        logdir, {k: saved[k] for k in ("config", "learner", "counters")}, step=1, keep=1,
+        run_id="otherrun0001",
+    )  # fmt: skip
+    legacy = logdir / "checkpoint-0000000002.pt"
+    torch.save({k: saved[k] for k in ("format", "config", "learner", "counters")}, legacy)
+    others = [foreign, Path(f"{foreign}{checkpoint.OWNER_SUFFIX}"), legacy]
+    before = {p: _file_state(p) for p in others}
+
+    run = TrainRun([
+        "--resume", str(logdir), "--total-frames", str(RESUMED_FRAMES),
+        "--checkpoint-interval-s", "3",
+    ])  # fmt: skip
+    try:
+        _wait_for_checkpoint_past(run, updates)
+    finally:
+        run.kill()
+        run.wait(timeout=60)
+    changed = [x for x in run.lines if x.startswith("changed on resume: ")]
+    assert changed == [
+        f"changed on resume: --total-frames {FIRST_FRAMES} -> {RESUMED_FRAMES}",
+        "changed on resume: --checkpoint-interval-s 300.0 -> 3.0",
+    ], run.output[-4000:]
+    assert "reached" not in run.output
+    killed = checkpoint.load(logdir)
+    assert killed["run_id"] == run_id
+    assert killed["learner"]["updates"] > updates
+    assert frames < killed["counters"]["env_frames"] < RESUMED_FRAMES
+    assert killed["config"] == {
+        **saved["config"], "total_frames": RESUMED_FRAMES, "checkpoint_interval_s": 3.0,
+        "resume": str(logdir),
+    }  # fmt: skip
+    second_line = _settings_line(run.output)
+
+    run = TrainRun(["--resume", str(logdir)])
     code = run.wait()
     assert code == 0, run.output[-4000:]
     assert f"logging to {logdir}" in run.output
+    assert "changed on resume" not in run.output
+    assert _settings_line(run.output) == second_line == _settings_line(first_output)
 
-    _, resumed_events = _event_files(logdir)
+    *_, resumed_events = _event_files(logdir)
     scalars = _scalars(resumed_events)
     steps = [s for s, _ in scalars["charts/learner_updates"]]
-    assert min(steps) >= frames, "env_frames restarted instead of continuing"
-    assert scalars["charts/learner_updates"][0][1] >= updates
+    assert min(steps) >= killed["counters"]["env_frames"], "env_frames restarted"
+    assert scalars["charts/learner_updates"][0][1] >= killed["learner"]["updates"]
     for i in range(NUM_ACTORS):  # weight versions are update counts: they continue too
-        assert min(v for _, v in scalars[f"actors/{i}/weights_version"]) >= updates
+        versions = [v for _, v in scalars[f"actors/{i}/weights_version"]]
+        assert min(versions) >= killed["learner"]["updates"]
 
     final = checkpoint.load(logdir)
     learner, counters = final["learner"], final["counters"]
+    assert final["run_id"] == run_id and final["config"] == killed["config"]
     assert counters["env_frames"] >= RESUMED_FRAMES
-    assert counters["episodes"] >= saved["counters"]["episodes"]
-    assert counters["wall_time_s"] > saved["counters"]["wall_time_s"]
-    assert learner["updates"] > updates
+    assert counters["episodes"] >= killed["counters"]["episodes"]
+    assert counters["wall_time_s"] > killed["counters"]["wall_time_s"]
+    assert learner["updates"] > killed["learner"]["updates"]
     steps = {int(s["step"]) for s in learner["optimizer"]["state"].values()}
     assert steps == {learner["updates"]}, "the optimizer state was not restored"
+    # Pruning kept the run's last --keep-checkpoints and nothing else changed.
+    assert len(checkpoint.list_checkpoints(logdir, run_id)) <= saved["config"]["keep_checkpoints"]
+    assert {p: _file_state(p) for p in others} == before
 
 
 def test_ctrl_c_stops_cleanly_with_a_checkpoint(tmp_path):

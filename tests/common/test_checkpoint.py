@@ -1,8 +1,18 @@
-"""Checkpoint files: atomic writes, the last K kept, newest loaded, clear errors."""
+"""Checkpoint files: atomic writes, the last K of a run kept and no other run's file
+touched, newest loaded, and one clear line for every file that is not a checkpoint."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +26,10 @@ from apex_dqn.common.checkpoint import (
     save,
 )
 from apex_dqn.common.config import Config
+
+RUN = "run0000aaaa"  # the run id of the checkpoints these tests save
+OTHER = "run0000bbbb"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def payload(step: int) -> dict:
@@ -31,10 +45,11 @@ def names(directory) -> list[str]:
 
 
 def test_save_then_load_round_trips(tmp_path):
-    path = save(tmp_path, payload(7), step=7, keep=3)
+    path = save(tmp_path, payload(7), step=7, keep=3, run_id=RUN)
     assert path == tmp_path / "checkpoint-0000000007.pt"
     got = load(path)
     assert got["format"] == checkpoint.FORMAT
+    assert got["run_id"] == RUN == checkpoint.owner(path)
     assert got["config"] == Config(seed=7).to_dict()
     assert torch.equal(got["learner"]["weights"], torch.full((3,), 7.0))
     assert got["counters"] == {"env_frames": 700, "episodes": 7}
@@ -43,18 +58,28 @@ def test_save_then_load_round_trips(tmp_path):
 
 def test_save_leaves_no_temporary_files(tmp_path):
     for step in (1, 2):
-        save(tmp_path, payload(step), step=step, keep=5)
-    assert names(tmp_path) == ["checkpoint-0000000001.pt", "checkpoint-0000000002.pt"]
+        save(tmp_path, payload(step), step=step, keep=5, run_id=RUN)
+    assert names(tmp_path) == [
+        "checkpoint-0000000001.pt", "checkpoint-0000000001.pt.run",
+        "checkpoint-0000000002.pt", "checkpoint-0000000002.pt.run",
+    ]  # fmt: skip
 
 
 def test_save_creates_the_directory(tmp_path):
     target = tmp_path / "a" / "b"
-    save(target, payload(1), step=1, keep=1)
-    assert names(target) == ["checkpoint-0000000001.pt"]
+    save(target, payload(1), step=1, keep=1, run_id=RUN)
+    assert names(target) == ["checkpoint-0000000001.pt", "checkpoint-0000000001.pt.run"]
+
+
+def test_save_without_a_run_id_takes_the_payloads_or_a_new_one(tmp_path):
+    a = save(tmp_path / "a", {**payload(1), "run_id": OTHER}, step=1, keep=1)
+    assert load(a)["run_id"] == OTHER == checkpoint.owner(a)
+    b = save(tmp_path / "b", payload(1), step=1, keep=1)
+    assert load(b)["run_id"] == checkpoint.owner(b) not in (None, OTHER)
 
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    first = save(tmp_path, payload(1), step=1, keep=3)
+    first = save(tmp_path, payload(1), step=1, keep=3, run_id=RUN)
     before = first.read_bytes()
 
     def crash(obj, f, *args, **kwargs):
@@ -63,15 +88,22 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        save(tmp_path, payload(2), step=2, keep=3)
+        save(tmp_path, payload(2), step=2, keep=3, run_id=RUN)
     monkeypatch.undo()
-    assert names(tmp_path) == ["checkpoint-0000000001.pt"]
+    # The owner file is written first: the crash leaves it alone, without a checkpoint.
+    assert names(tmp_path) == [
+        "checkpoint-0000000001.pt", "checkpoint-0000000001.pt.run",
+        "checkpoint-0000000002.pt.run",
+    ]  # fmt: skip
     assert first.read_bytes() == before
     assert load(tmp_path)["counters"]["episodes"] == 1
+    # The run's next checkpoint removes the lone owner file.
+    save(tmp_path, payload(3), step=3, keep=3, run_id=RUN)
+    assert "checkpoint-0000000002.pt.run" not in names(tmp_path)
 
 
 def test_crash_rewriting_the_same_step_keeps_the_old_file(tmp_path, monkeypatch):
-    first = save(tmp_path, payload(5), step=5, keep=3)
+    first = save(tmp_path, payload(5), step=5, keep=3, run_id=RUN)
     before = first.read_bytes()
 
     def crash(obj, f, *args, **kwargs):
@@ -80,21 +112,21 @@ def test_crash_rewriting_the_same_step_keeps_the_old_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save(tmp_path, payload(6), step=5, keep=3)
+        save(tmp_path, payload(6), step=5, keep=3, run_id=RUN)
     monkeypatch.undo()
-    assert names(tmp_path) == ["checkpoint-0000000005.pt"]
+    assert names(tmp_path) == ["checkpoint-0000000005.pt", "checkpoint-0000000005.pt.run"]
     assert first.read_bytes() == before
 
 
 def test_keeps_the_last_k(tmp_path):
     for step in (1, 2, 3, 10, 20):
-        save(tmp_path, payload(step), step=step, keep=3)
+        save(tmp_path, payload(step), step=step, keep=3, run_id=RUN)
     assert [p.name for p in list_checkpoints(tmp_path)] == [
         "checkpoint-0000000003.pt",
         "checkpoint-0000000010.pt",
         "checkpoint-0000000020.pt",
     ]
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len(list(tmp_path.iterdir())) == 6  # each with its owner file
 
 
 def test_list_orders_by_step_not_by_name(tmp_path):
@@ -119,7 +151,7 @@ def test_list_of_missing_directory_is_empty(tmp_path):
 
 def test_load_directory_picks_the_newest(tmp_path):
     for step in (3, 12, 7):
-        save(tmp_path, payload(step), step=step, keep=10)
+        save(tmp_path, payload(step), step=step, keep=10, run_id=RUN)
     got = load(tmp_path)
     assert got["learner"]["updates"] == 12
     assert got["path"] == str(tmp_path / "checkpoint-0000000012.pt")
@@ -135,64 +167,153 @@ def test_load_missing_file_raises(tmp_path):
         load(tmp_path / "checkpoint-0000000001.pt")
 
 
-@pytest.mark.parametrize("keep_bytes", [0, 10, 200, -20])
-def test_truncated_file_raises_clearly_and_is_left_alone(tmp_path, keep_bytes):
-    save(tmp_path, payload(1), step=1, keep=3)
-    path = save(tmp_path, payload(2), step=2, keep=3)
-    data = path.read_bytes()
-    truncated = data[:keep_bytes]
-    path.write_bytes(truncated)
-    for where in (path, tmp_path):
-        with pytest.raises(CheckpointError) as info:
-            load(where)
-        message = str(info.value)
-        assert str(path) in message
-        assert "unreadable" in message
-        assert "\n" not in message
-    assert path.read_bytes() == truncated
-    assert names(tmp_path) == ["checkpoint-0000000001.pt", "checkpoint-0000000002.pt"]
+def _state(path: Path) -> tuple[bytes, int]:
+    """A file's bytes and modification time: what "left exactly as it was" compares."""
+    return path.read_bytes(), path.stat().st_mtime_ns
 
 
-def test_garbage_file_raises(tmp_path):
-    path = tmp_path / "checkpoint-0000000001.pt"
-    path.write_bytes(b"\x00\x01 this is not a torch file")
-    with pytest.raises(CheckpointError, match="unreadable"):
-        load(path)
-    assert path.exists()
+def _zip_of_other_content(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes/readme.txt", "a zip archive, but not a torch file")
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        {"format": 99, "config": {}, "learner": {}, "counters": {}},
-        {"config": {}, "learner": {}, "counters": {}},
-        [1, 2, 3],
-        torch.zeros(3),
-    ],
-    ids=["future-format", "no-format", "list", "tensor"],
-)
-def test_unknown_format_raises(tmp_path, content):
-    path = tmp_path / "checkpoint-0000000001.pt"
+def _learner_state(network: str) -> dict:
+    from apex_dqn.learner.learning import Learner
+
+    torch.manual_seed(0)
+    return Learner(Config(network=network), 6).state_dict()
+
+
+def _checkpoint(**changes) -> dict:
+    """A checkpoint payload of a small Space Invaders run, with ``changes`` applied."""
+    cfg = Config(network="dqn2013", logdir="runs/x")
+    content = {"format": checkpoint.FORMAT, "run_id": RUN, "config": cfg.to_dict(),
+               "learner": _learner_state("dqn2013"), "counters": {"env_frames": 100}}  # fmt: skip
+    content.update(changes)
+    return content
+
+
+def _incompatible(path: Path) -> None:
+    """A dqn2013 run's checkpoint whose online network is a nature network's."""
+    content = _checkpoint()
+    content["learner"]["online"] = _learner_state("nature")["online"]
     torch.save(content, path)
-    with pytest.raises(CheckpointError, match="unknown format"):
-        load(path)
 
 
-@pytest.mark.parametrize("missing", ["config", "learner", "counters"])
-def test_missing_part_raises(tmp_path, missing):
-    content = {"format": checkpoint.FORMAT, **payload(1)}
-    del content[missing]
+# Every kind of file that is not a checkpoint this version can use: how to make it, and
+# what the one line says of it.
+BAD_FILES = {
+    "empty": (lambda p: p.write_bytes(b""), "is empty"),
+    "truncated-10-bytes": (lambda p: p.write_bytes(_good_bytes()[:10]), "is truncated"),
+    "truncated-half": (lambda p: p.write_bytes(_good_bytes()[:_half()]), "is truncated"),
+    "truncated-end": (lambda p: p.write_bytes(_good_bytes()[:-20]), "is truncated"),
+    "random-bytes": (lambda p: p.write_bytes(os.urandom(4096)), "not a file written by torch.save"),
+    "plain-pickle": (lambda p: p.write_bytes(pickle.dumps({"format": 1})),
+                     "not a file written by torch.save"),
+    "zip-of-other": (_zip_of_other_content, "a zip archive without torch data"),
+    "tensor": (lambda p: torch.save(torch.zeros(3), p), "holds a Tensor"),
+    "list": (lambda p: torch.save([1, 2, 3], p), "holds a list"),
+    "foreign-object": (lambda p: torch.save({**_checkpoint(), "extra": Config()}, p),
+                       "holds objects other than tensors"),
+    "no-format": (lambda p: torch.save({k: v for k, v in _checkpoint().items()
+                                        if k != "format"}, p), "has no format version"),
+    "future-format": (lambda p: torch.save(_checkpoint(format=99), p),
+                      "format version 99, newer than this version reads (1)"),
+    "old-format": (lambda p: torch.save(_checkpoint(format=0), p), "format version 0, expected 1"),
+    "malformed-part": (lambda p: torch.save(_checkpoint(config=[1, 2]), p),
+                       "its 'config' is a list"),
+    "malformed-run-id": (lambda p: torch.save(_checkpoint(run_id="../x"), p),
+                         "run id '../x' is invalid"),
+}  # fmt: skip
+
+
+@functools.cache
+def _good_bytes() -> bytes:
+    """A real checkpoint's bytes, for the files cut short."""
+    buffer = io.BytesIO()
+    torch.save(_checkpoint(), buffer)
+    return buffer.getvalue()
+
+
+def _half() -> int:
+    return len(_good_bytes()) // 2
+
+
+def _no_torch_loader_text(text: str) -> None:
+    lowered = text.lower()
+    assert "weights_only" not in lowered and "weights only" not in lowered, text
+    assert "unpickl" not in lowered and "traceback" not in lowered, text
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_a_bad_file_is_refused_in_one_line_and_left_alone(tmp_path, kind):
+    make, says = BAD_FILES[kind]
     path = tmp_path / "checkpoint-0000000001.pt"
-    torch.save(content, path)
-    with pytest.raises(CheckpointError, match=missing):
+    make(path)
+    before = _state(path)
+    with pytest.raises(CheckpointError) as info:
         load(path)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path} ") and says in message, message
+    assert "\n" not in message
+    _no_torch_loader_text(message)
+    assert _state(path) == before
 
 
-def test_load_refuses_arbitrary_objects(tmp_path):
-    path = tmp_path / "checkpoint-0000000001.pt"
-    torch.save({"format": checkpoint.FORMAT, **payload(1), "extra": Config()}, path)
-    with pytest.raises(CheckpointError, match="unreadable"):
-        load(path)
+def test_the_newest_checkpoint_bad_names_the_previous_one(tmp_path):
+    save(tmp_path, payload(1), step=1, keep=3, run_id=RUN)
+    path = save(tmp_path, payload(2), step=2, keep=3, run_id=RUN)
+    cut = path.read_bytes()[:-50]
+    path.write_bytes(cut)
+    with pytest.raises(CheckpointError) as info:
+        load(tmp_path)
+    message = str(info.value)
+    assert f"checkpoint {path} is truncated" in message
+    assert f"the run's previous checkpoint is {tmp_path / 'checkpoint-0000000001.pt'}" in message
+    assert path.read_bytes() == cut
+    assert load(tmp_path / "checkpoint-0000000001.pt")["counters"]["episodes"] == 1
+
+
+def _evaluate_command() -> list[str]:
+    script = shutil.which("apex-dqn-evaluate")
+    return [script] if script else [sys.executable, "-m", "apex_dqn.evaluation.evaluate"]
+
+
+# What the commands are given: the file kinds above most likely met in practice, and a
+# checkpoint whose networks do not fit its own config.
+COMMAND_CASES = {
+    **{kind: BAD_FILES[kind][0] for kind in (
+        "truncated-half", "random-bytes", "zip-of-other", "tensor", "foreign-object",
+        "future-format",
+    )},
+    "incompatible": _incompatible,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(COMMAND_CASES))
+def test_commands_refuse_a_bad_checkpoint_in_one_line(tmp_path, kind):
+    """``train.py --resume FILE`` (before Ray starts) and ``apex-dqn-evaluate
+    --checkpoint FILE``: exit status 2, one line on stderr naming the file, no loader
+    advice, and the file as it was."""
+    path = tmp_path / "checkpoint-0000000005.pt"
+    COMMAND_CASES[kind](path)
+    before = _state(path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for command in (
+        [sys.executable, "train.py", "--resume", str(path)],
+        [*_evaluate_command(), "--checkpoint", str(path), "--threads", "1"],
+    ):
+        proc = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert str(path) in lines[0]
+        _no_torch_loader_text(proc.stdout + proc.stderr)
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+        assert _state(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_learner_state_survives_a_checkpoint(tmp_path, one_torch_thread):
@@ -239,3 +360,114 @@ def test_check_compatible(tmp_path):
         assert "ck.pt" in message
         assert f"{key}={saved[key]!r}" in message
         assert f"{key}={config[key]!r}" in message
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: _state(p) for p in sorted(directory.iterdir())}
+
+
+def _legacy(directory: Path, step: int) -> Path:
+    """A checkpoint written before runs had ids: no run id inside, no owner file."""
+    path = directory / f"checkpoint-{step:010d}.pt"
+    torch.save({"format": checkpoint.FORMAT, **payload(step)}, path)
+    return path
+
+
+def test_pruning_touches_only_the_runs_own_checkpoints(tmp_path):
+    """Two runs' checkpoints and one from before runs had ids in one directory: each run
+    keeps its own last K, and no other file is deleted or changed."""
+    legacy = _legacy(tmp_path, 4)
+    for step in (1, 2, 3):
+        save(tmp_path, payload(step), step=step, keep=2, run_id=OTHER)
+    theirs = _snapshot(tmp_path)
+    assert sorted(theirs) == [
+        "checkpoint-0000000002.pt", "checkpoint-0000000002.pt.run",
+        "checkpoint-0000000003.pt", "checkpoint-0000000003.pt.run", legacy.name,
+    ]  # fmt: skip
+    for step in (5, 6, 7, 8):
+        save(tmp_path, payload(step), step=step, keep=2, run_id=RUN)
+    now = _snapshot(tmp_path)
+    assert {name: now[name] for name in theirs} == theirs
+    mine = {name: state for name, state in now.items() if name not in theirs}
+    assert sorted(mine) == [
+        "checkpoint-0000000007.pt", "checkpoint-0000000007.pt.run",
+        "checkpoint-0000000008.pt", "checkpoint-0000000008.pt.run",
+    ]  # fmt: skip
+    # The other run saves again, with K = 1: it prunes its own and leaves this run's.
+    save(tmp_path, payload(9), step=9, keep=1, run_id=OTHER)
+    after = _snapshot(tmp_path)
+    assert {name: after[name] for name in mine} == mine
+    assert after[legacy.name] == theirs[legacy.name]
+    assert [p.name for p in list_checkpoints(tmp_path, OTHER)] == ["checkpoint-0000000009.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path, RUN)] == [
+        "checkpoint-0000000007.pt", "checkpoint-0000000008.pt",
+    ]  # fmt: skip
+
+
+def test_save_never_replaces_another_runs_checkpoint(tmp_path):
+    save(tmp_path, payload(5), step=5, keep=3, run_id=OTHER)
+    _legacy(tmp_path, 6)
+    before = _snapshot(tmp_path)
+    for step, whose in ((5, f"run {OTHER}"), (6, "a run of unknown id")):
+        with pytest.raises(CheckpointError) as info:
+            save(tmp_path, payload(step), step=step, keep=3, run_id=RUN)
+        path = tmp_path / f"checkpoint-{step:010d}.pt"
+        assert str(info.value) == (
+            f"checkpoint {path} belongs to {whose}, not to this run ({RUN}): not replaced"
+        )
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_run_replaces_its_own_checkpoint_of_the_same_step(tmp_path):
+    save(tmp_path, payload(5), step=5, keep=3, run_id=RUN)
+    save(tmp_path, {**payload(5), "counters": {"episodes": 55}}, step=5, keep=3, run_id=RUN)
+    assert load(tmp_path)["counters"] == {"episodes": 55}
+    assert names(tmp_path) == ["checkpoint-0000000005.pt", "checkpoint-0000000005.pt.run"]
+
+
+def test_load_of_a_directory_reads_its_own_runs_newest(tmp_path):
+    save(tmp_path, payload(3), step=3, keep=3, run_id=RUN)
+    save(tmp_path, payload(9), step=9, keep=3, run_id=OTHER)  # newer, another run's
+    assert load(tmp_path)["counters"]["episodes"] == 9  # no run id file: all of them count
+    assert checkpoint.publish_run_id(tmp_path, RUN) == RUN
+    assert load(tmp_path)["counters"]["episodes"] == 3
+    only_theirs = tmp_path / "only-theirs"
+    save(only_theirs, payload(1), step=1, keep=1, run_id=OTHER)
+    checkpoint.publish_run_id(only_theirs, RUN)
+    with pytest.raises(CheckpointError, match=f"^no checkpoint of run {RUN}, whose directory "):
+        load(only_theirs)
+
+
+def test_the_first_run_to_publish_its_id_owns_the_directory(tmp_path):
+    d = tmp_path / "run"
+    assert checkpoint.read_run_id(d) is None
+    assert checkpoint.publish_run_id(d, RUN) == RUN
+    before = _state(d / checkpoint.RUN_ID_FILE)
+    assert checkpoint.publish_run_id(d, OTHER) == RUN
+    assert checkpoint.publish_run_id(d, RUN) == RUN
+    assert _state(d / checkpoint.RUN_ID_FILE) == before
+    assert checkpoint.read_run_id(d) == RUN
+    assert names(d) == [checkpoint.RUN_ID_FILE]  # no temporary file left
+
+
+def test_publishing_a_run_id_without_hard_links_is_first_come_too(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    assert checkpoint.publish_run_id(tmp_path, RUN) == RUN
+    assert checkpoint.publish_run_id(tmp_path, OTHER) == RUN
+    assert checkpoint.read_run_id(tmp_path) == RUN
+    assert names(tmp_path) == [checkpoint.RUN_ID_FILE]
+
+
+def test_adopt_records_an_owner_once_and_leaves_the_checkpoint(tmp_path):
+    legacy = _legacy(tmp_path, 4)
+    before = _state(legacy)
+    assert checkpoint.owner(legacy) is None
+    checkpoint.adopt(legacy, RUN)
+    checkpoint.adopt(legacy, OTHER)  # an owner, once recorded, stays
+    assert checkpoint.owner(legacy) == RUN
+    assert _state(legacy) == before
+    save(tmp_path, payload(4), step=4, keep=1, run_id=RUN)  # now the run's to replace
+    assert load(legacy)["run_id"] == RUN

@@ -1,5 +1,6 @@
-"""The learner's input pipeline: importance weights over shards, the prefetch thread's
-hand-over of device batches and its error path, the Ray sampler's calls in flight."""
+"""The learner's input pipeline: importance weights over shards, compact batches made
+into the tensors of stacked ones, the prefetch thread's hand-over of device batches and
+its error path, the Ray sampler's calls in flight."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 
 import apex_dqn.learner.pipeline as pipeline
-from apex_dqn.common.messages import SampledBatch
+from apex_dqn.common.messages import CompactBatch, SampledBatch
 from apex_dqn.learner.learning import TorchBatch
-from apex_dqn.learner.pipeline import Drawn, LocalSampler, Prefetcher
+from apex_dqn.learner.pipeline import Drawn, LocalSampler, Prefetcher, to_torch
 from apex_dqn.replay.shard import ReplayShard
-from tests.replay.test_shard import synthetic_chunk
+from tests.replay.test_shard import COMPACT_CASES, synthetic_chunk, twin_shards
 
 ALPHA = 0.6
 EPS = 1e-6
@@ -246,6 +247,53 @@ def test_get_wakes_at_once_when_the_prefetcher_fails_while_it_waits():
     assert isinstance(raised.value.__cause__, OSError)
     prefetcher.close()
     assert not prefetcher._thread.is_alive()
+
+
+# -------------------------------------------------------------------- compact batches
+@pytest.mark.parametrize("wire", ["frames", "zstd"])
+def test_to_torch_gives_a_compact_batch_the_tensors_of_the_stacked_one(wire):
+    stacked_shard, compact_shard = twin_shards(COMPACT_CASES["short-episodes"])
+    stacked = LocalSampler([stacked_shard], batch_size=64, seed=4)
+    compact = LocalSampler([compact_shard], batch_size=64, seed=4, wire=wire)
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        want, got = stacked.draw(0.4), compact.draw(0.4)
+        assert isinstance(want.batch, SampledBatch) and isinstance(got.batch, CompactBatch)
+        a, b = to_torch(want, cpu), to_torch(got, cpu)
+        for name in ("obs", "next_obs", "actions", "returns", "discounts", "weights"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+        assert b.obs.is_contiguous() and b.next_obs.is_contiguous()
+
+
+def test_expand_on_device_equals_the_host_expansion():
+    """The GPU path's gather, in torch ops, run here on the CPU: the same stacks as
+    ``CompactBatch.expand``, zero-padded ones included."""
+    _, shard = twin_shards(COMPACT_CASES["short-episodes"])
+    batch = shard.sample(96, 0.4, "zstd")
+    want = batch.expand()
+    frames = torch.from_numpy(batch.distinct_frames().copy())
+    obs, next_obs = pipeline.expand_on_device(
+        frames, torch.from_numpy(batch.obs_index), torch.from_numpy(batch.next_index)
+    )
+    assert obs.shape == next_obs.shape == (96, 4, 84, 84) and obs.dtype == torch.uint8
+    assert np.array_equal(obs.numpy(), want.obs) and np.array_equal(next_obs.numpy(), want.next_obs)
+    assert (~want.obs[:, 0].any(axis=(1, 2))).any()  # some stacks start with zero padding
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("wire", ["frames", "zstd"])
+def test_compact_batches_expand_on_the_gpu_as_on_the_host(wire):
+    stacked_shard, compact_shard = twin_shards(COMPACT_CASES["long-episodes"])
+    want = LocalSampler([stacked_shard], batch_size=128, seed=6).draw(0.4)
+    got = LocalSampler([compact_shard], batch_size=128, seed=6, wire=wire).draw(0.4)
+    device = torch.device("cuda")
+    tb = to_torch(got, device)
+    torch.cuda.synchronize(device)
+    assert tb.obs.device.type == "cuda"
+    assert np.array_equal(tb.obs.cpu().numpy(), want.batch.obs)
+    assert np.array_equal(tb.next_obs.cpu().numpy(), want.batch.next_obs)
+    assert np.array_equal(tb.actions.cpu().numpy(), want.batch.actions)
 
 
 # ----------------------------------------------------------------------- Ray sampler

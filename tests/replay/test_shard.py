@@ -1,4 +1,5 @@
-"""The replay shard: exact stacks, prioritized sampling, FIFO eviction, frame accounting."""
+"""The replay shard: exact stacks, prioritized sampling, FIFO eviction, frame accounting,
+compact batches that expand to the stacked ones."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 import apex_dqn.replay.shard as shard_module
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
-from apex_dqn.common.messages import ZERO_FRAME, TransitionChunk
+from apex_dqn.common.messages import ZERO_FRAME, CompactBatch, TransitionChunk
 from apex_dqn.replay.shard import ReplayShard
 from tests.replay.recorder import RecordedStream, check_shard, live_keys, zero_padding
 
@@ -456,3 +457,108 @@ def test_oversized_chunks_are_refused_without_side_effects():
     check_invariants(shard)
     with pytest.raises(KeyError):
         shard.lookup(np.array([5]))
+
+
+# ------------------------------------------------------------------- compact batches
+# Streams whose batches differ in how much their frames are shared and padded: short
+# episodes (many zero-padded stacks), long ones (most windows full: 7 distinct frames of
+# 8 at n = 3), n = 5 (a stack and its bootstrap stack share none), and a shard barely
+# larger than the batch (transitions of one batch share many frames).
+COMPACT_CASES = {
+    "short-episodes": dict(num_envs=4, n=3, push_period=3, max_steps=5, terminate=0.3,
+                           capacity=400, steps=120),
+    "long-episodes": dict(num_envs=3, n=3, push_period=7, max_steps=80, terminate=0.01,
+                          capacity=600, steps=260),
+    "n5": dict(num_envs=2, n=5, push_period=9, max_steps=12, terminate=0.1,
+               capacity=300, steps=200),
+    "dense": dict(num_envs=2, n=3, push_period=4, max_steps=30, terminate=0.05,
+                  capacity=130, steps=120),
+}  # fmt: skip
+METADATA = ("actions", "returns", "discounts", "weights", "keys", "probs",
+            "shard_size", "shard_total", "shard_min")  # fmt: skip
+
+
+def twin_shards(case: dict, seed: int = 9) -> tuple[ReplayShard, ReplayShard]:
+    """Two shards of one seed given the same chunks: their draws are the same."""
+    rec = RecordedStream(
+        stream=3, num_envs=case["num_envs"], n=case["n"], push_period=case["push_period"],
+        seed=5, max_steps=case["max_steps"], terminate_prob=case["terminate"],
+        life_loss_prob=0.0,
+    )  # fmt: skip
+    twins = ReplayShard(case["capacity"], seed=seed), ReplayShard(case["capacity"], seed=seed)
+    for _ in range(case["steps"]):
+        chunk = rec.step()
+        if chunk is not None:
+            for shard in twins:
+                assert shard.add(chunk) == len(chunk)
+    return twins
+
+
+@pytest.mark.parametrize("wire", ["frames", "zstd"])
+@pytest.mark.parametrize("case", list(COMPACT_CASES))
+def test_compact_batch_expands_to_the_stacked_batch_bit_for_bit(case, wire):
+    stacked_shard, compact_shard = twin_shards(COMPACT_CASES[case])
+    padded = shared = 0
+    for _ in range(4):
+        want = stacked_shard.sample(128, 0.4)
+        got = compact_shard.sample(128, 0.4, wire)
+        assert isinstance(got, CompactBatch) and got.wire == wire and len(got) == 128
+        np.testing.assert_array_equal(got.keys, want.keys)  # the same draw
+        batch = got.expand()
+        for stacks, wanted in ((batch.obs, want.obs), (batch.next_obs, want.next_obs)):
+            assert stacks.dtype == np.uint8 and stacks.shape == (128, STACK, *FRAME_SHAPE)
+            assert stacks.flags.c_contiguous
+            assert np.array_equal(stacks, wanted)
+        for name in METADATA:
+            np.testing.assert_array_equal(getattr(batch, name), getattr(want, name))
+        # Each distinct slot of the batch is sent once, the zero frame among them when a
+        # stack is padded with it, and nothing else.
+        slots = compact_shard.slots[got.keys % compact_shard.capacity]
+        assert got.num_frames == len(np.unique(slots))
+        assert got.obs_index.dtype == got.next_index.dtype == np.int32
+        assert got.obs_index.shape == got.next_index.shape == (128, STACK)
+        if wire == "frames":
+            assert got.frames.shape == (got.num_frames, *FRAME_SHAPE)
+        else:
+            assert got.frames.dtype == np.uint8 and got.frames.ndim == 1
+        padded += sum(zero_padding(stack) > 0 for stack in want.obs)
+        shared += 8 * 128 - got.num_frames
+    assert padded > 0, "no stack padded at an episode start was checked"
+    # A stack t-3..t and its bootstrap stack t+h-3..t+h (h <= n) share 4 - h frames.
+    assert shared >= 4 * 128 * max(0, STACK - COMPACT_CASES[case]["n"])
+
+
+@pytest.mark.parametrize("wire", ["frames", "zstd"])
+def test_compact_lookup_equals_the_stacked_lookup(wire):
+    shard, _ = twin_shards(COMPACT_CASES["short-episodes"])
+    keys = live_keys(shard)
+    want = shard.lookup(keys)
+    got = shard.lookup(keys, wire)
+    assert isinstance(got, CompactBatch)
+    batch = got.expand()
+    assert np.array_equal(batch.obs, want.obs) and np.array_equal(batch.next_obs, want.next_obs)
+    assert sum(zero_padding(stack) > 0 for stack in want.next_obs) > 0
+    for name in METADATA:
+        np.testing.assert_array_equal(getattr(batch, name), getattr(want, name))
+
+
+def test_zstd_shrinks_screen_like_frames_and_unknown_formats_are_refused():
+    """Consecutive screens that differ by a moving sprite, as Atari's do: compressed
+    together, a transition's seven distinct frames cost far less than one raw frame."""
+    rng = np.random.default_rng(4)
+    chunk = synthetic_chunk(1, 0, rng.random(300), rng)
+    frames = np.zeros((301, *FRAME_SHAPE), dtype=np.uint8)
+    frames[:, 70:74, :] = 90  # ground
+    for f in range(301):  # a 6x8 sprite moving one pixel a frame
+        frames[f, 20:26, f % 76 : f % 76 + 8] = 200
+    chunk.frames = frames
+    shard = ReplayShard(300, seed=2)
+    shard.add(chunk)
+    raw = shard.sample(64, 0.4, "frames")
+    packed = shard.sample(64, 0.4, "zstd")
+    assert packed.frames.nbytes * 10 < raw.frames.nbytes
+    assert np.array_equal(packed.distinct_frames(), shard.lookup(packed.keys, "frames").frames)
+    with pytest.raises(ValueError, match="wire format"):
+        shard.sample(8, 0.4, "gzip")
+    with pytest.raises(ValueError, match="wire format"):
+        shard.lookup(packed.keys, "auto")

@@ -1,16 +1,22 @@
-"""The shard as a Ray actor: add, sample and update priorities across processes."""
+"""The shard as a Ray actor: add, sample and update priorities across processes; where
+shards go, and the wire format of their batches."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from apex_dqn.common.config import Config, ConfigError, validate
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
+from apex_dqn.common.messages import CompactBatch, SampledBatch
+from apex_dqn.replay.worker import choose_placement, learner_node, wire_for
 from tests.replay.recorder import RecordedStream
 
-pytestmark = pytest.mark.ray
+GiB = 2**30
 
 
+@pytest.mark.ray
 def test_shard_worker_add_sample_update(ray_local):
     from apex_dqn.learner.pipeline import RaySampler
     from apex_dqn.replay.worker import ReplayShardWorker
@@ -75,3 +81,137 @@ def test_shard_worker_add_sample_update(ray_local):
     np.testing.assert_allclose(drawn.weights, (priorities / least) ** -0.4, rtol=1e-6)
     sampler.update_priorities(0, drawn.batch.keys, np.ones(32))
     ray.kill(shard)
+
+
+# ------------------------------------------------------------------------- placement
+@pytest.mark.parametrize(
+    ("setting", "memory", "shards", "shard_gib", "on_learner_node", "strict", "says"),
+    [
+        # auto: the learner's node when its memory holds every shard, else spread.
+        ("auto", 20 * GiB, 2, 0.15, True, True, "2 shard(s) on the learner's node (auto: it "
+                                                "has 20.0 GiB for 0.3 GiB)"),
+        ("auto", 8 * GiB, 4, 2.0, True, True, "on the learner's node (auto: it has 8.0 GiB"),
+        ("auto", 8 * GiB, 4, 2.5, False, False, "spread over the nodes (auto: the learner's "
+                                                "node has 8.0 GiB for 10.0 GiB)"),
+        # learner: there whatever; a hard pin only when it all fits.
+        ("learner", 20 * GiB, 2, 1.0, True, True, "on the learner's node (learner: it has"),
+        ("learner", 4 * GiB, 8, 1.0, True, False, "pinned softly"),
+        # spread: always.
+        ("spread", 500 * GiB, 1, 1.0, False, False, "spread over the nodes (spread)"),
+    ],
+)  # fmt: skip
+def test_placement_follows_the_learner_node_memory(
+    setting, memory, shards, shard_gib, on_learner_node, strict, says
+):
+    p = choose_placement(setting, "n1", memory, shards, int(shard_gib * GiB))
+    assert (p.on_learner_node, p.strict) == (on_learner_node, strict)
+    assert p.learner_node == "n1"
+    assert says in p.message and p.message.startswith("replay: ")
+
+
+@pytest.mark.parametrize("setting", ["auto", "learner"])
+def test_placement_spreads_when_no_node_can_host_the_learner(setting):
+    p = choose_placement(setting, None, 0, 2, GiB)
+    assert p.learner_node is None and not p.on_learner_node and not p.strict
+    assert "no node can host the learner" in p.message
+    with pytest.raises(ValueError, match="placement"):
+        choose_placement("everywhere", "n1", 100 * GiB, 2, GiB)
+
+
+def _node(node_id: str, cpus: float, gpus: float = 0, memory: float = 8 * GiB, alive=True):
+    resources = {"CPU": cpus, "memory": memory, **({"GPU": gpus} if gpus else {})}
+    return {"NodeID": node_id, "Alive": alive, "Resources": resources}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "gpu", "want"),
+    [
+        ([_node("head", 4), _node("w1", 8)], False, "head"),  # the driver's node can
+        ([_node("head", 4), _node("g1", 8, 1, 4 * GiB), _node("g2", 8, 1, 9 * GiB)], True,
+         "g2"),  # the driver's node has no GPU: the GPU node with the most memory
+        ([_node("head", 4, 1), _node("g1", 8, 1, 64 * GiB)], True, "head"),
+        ([_node("head", 0), _node("w1", 2, memory=GiB)], False, "w1"),  # a head without CPUs
+        ([_node("head", 4), _node("g1", 8, 1, alive=False)], True, None),  # none can yet
+    ],
+)  # fmt: skip
+def test_learner_node_is_the_drivers_when_it_can_host_the_learner(nodes, gpu, want):
+    assert learner_node(nodes, "head", gpu) == want
+
+
+@pytest.mark.parametrize(
+    ("setting", "shard_node", "reader_node", "want"),
+    [
+        ("auto", "a", "a", "raw"),  # shared memory: nothing to save
+        ("auto", "a", "b", "zstd"),  # across the network
+        ("auto", "a", None, "raw"),  # a reader that does not say where it is
+        ("raw", "a", "b", "raw"),
+        ("frames", "a", "a", "frames"),
+        ("zstd", "a", "a", "zstd"),
+    ],
+)
+def test_wire_for(setting, shard_node, reader_node, want):
+    assert wire_for(setting, shard_node, reader_node) == want
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("replay_placement", "nowhere",
+         "--replay-placement='nowhere' is unknown: choose one of auto, learner, spread"),
+        ("replay_wire", "gzip",
+         "--replay-wire='gzip' is unknown: choose one of auto, raw, frames, zstd"),
+    ],
+)  # fmt: skip
+def test_replay_placement_and_wire_flags_are_validated(flag, value, message):
+    with pytest.raises(ConfigError) as caught:
+        validate(Config(**{flag: value}))
+    assert str(caught.value) == message
+    for good in {"replay_placement": ("auto", "learner", "spread"),
+                 "replay_wire": ("auto", "raw", "frames", "zstd")}[flag]:  # fmt: skip
+        validate(Config(**{flag: good}))
+
+
+@pytest.mark.ray
+def test_shard_worker_answers_in_the_format_for_the_readers_node(ray_local):
+    """``auto`` sends a stacked batch to a reader on the shard's node and a compressed
+    one to a reader elsewhere; the learner's sampler expands either to the same stacks."""
+    from apex_dqn.learner.pipeline import RaySampler, to_torch
+    from apex_dqn.replay.worker import ReplayShardWorker
+
+    ray = ray_local
+    here = ray.get_runtime_context().get_node_id()
+    shards = {
+        wire: ReplayShardWorker.options(num_cpus=0).remote(300, 0.6, seed=3, wire=wire)
+        for wire in ("auto", "zstd")
+    }
+    try:
+        rec = RecordedStream(stream=7, num_envs=4, push_period=6, seed=2, max_steps=9,
+                             terminate_prob=0.2, life_loss_prob=0.0)  # fmt: skip
+        for _ in range(60):
+            chunk = rec.step()
+            if chunk is not None:
+                ray.get([shard.add.remote(chunk) for shard in shards.values()])
+        auto = shards["auto"]
+        assert isinstance(ray.get(auto.sample.remote(16, 0.4, reader=here)), SampledBatch)
+        far = ray.get(auto.sample.remote(16, 0.4, reader="f" * 56))
+        assert isinstance(far, CompactBatch) and far.wire == "zstd"
+        frames = ray.get(auto.sample.remote(16, 0.4, wire="frames", reader="f" * 56))
+        assert frames.wire == "frames"  # a format asked for wins over the shard's own
+        stacked = ray.get(auto.lookup.remote(far.keys))
+        assert np.array_equal(far.expand().obs, stacked.obs)
+        assert np.array_equal(far.expand().next_obs, stacked.next_obs)
+
+        sampler = RaySampler([shards["zstd"]], batch_size=32, prefetch=2, seed=0)
+        drawn = None
+        for _ in range(20):
+            drawn = sampler.draw(0.4, timeout=10.0)
+            if drawn is not None:
+                break
+        assert drawn is not None and isinstance(drawn.batch, CompactBatch)
+        tb = to_torch(drawn, torch.device("cpu"))
+        want = ray.get(shards["zstd"].lookup.remote(drawn.batch.keys))
+        assert np.array_equal(tb.obs.numpy(), want.obs)
+        assert np.array_equal(tb.next_obs.numpy(), want.next_obs)
+    finally:
+        for shard in shards.values():
+            ray.kill(shard)
