@@ -45,6 +45,7 @@ except ModuleNotFoundError as exc:  # run from a checkout that was never install
     sys.exit(2)
 
 PROG = "train.py"
+REPLAY_TIMEOUT_S = 900.0  # the longest the driver waits for the shards to save or load replay
 
 
 def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None, rundir.Run]:
@@ -125,8 +126,17 @@ def resolve_on_cluster(cfg: Config) -> Config:
     return resolved
 
 
-def build_program(cfg: Config, learner_state: dict | None, writer: Any) -> tuple[Any, Any]:
-    """The whole distributed program, started: (supervisor, periodic evaluation or None)."""
+def build_program(
+    cfg: Config, learner_state: dict | None, writer: Any, replay_from: str | None = None
+) -> tuple[Any, Any]:
+    """The whole distributed program, started: (supervisor, periodic evaluation or None).
+
+    ``replay_from``: the checkpoint whose saved replay the shards start from (``--resume``
+    of a run with ``--save-replay``): each shard loads its own file before the learner
+    starts, and the learner then does not wait for ``--replay-min-size`` (the replay is
+    the one it was learning from). Shards whose file is missing or unreadable start
+    empty, one line each; with no transition restored at all, the learner waits as usual.
+    """
     from apex_dqn.actors.worker import start_actor
     from apex_dqn.common.envs import num_actions
     from apex_dqn.driver.supervisor import Supervisor
@@ -141,16 +151,20 @@ def build_program(cfg: Config, learner_state: dict | None, writer: Any) -> tuple
         cfg.replay_placement, cfg.replay_shards, per_shard, gpu=cfg.device == "cuda"
     )
     print(placement.message, flush=True)
+    files = _replay_files(replay_from, cfg.replay_shards)
     shards = [
         start_shard(
             s, per_shard, cfg.priority_alpha, seed=cfg.seed + s, memory=memory,
-            placement=placement, wire=cfg.replay_wire,
+            placement=placement, wire=cfg.replay_wire, restore=files[s],
         )
         for s in range(cfg.replay_shards)
     ]  # fmt: skip
+    min_replay = 1 if _restored_replay(shards, files) > 0 else None
 
     def new_learner(state: dict | None) -> Any:
-        return start_learner(cfg, shards, actions, state, node=placement.learner_node)
+        return start_learner(
+            cfg, shards, actions, state, node=placement.learner_node, min_replay=min_replay
+        )
 
     def new_actor(i: int, learner: Any) -> Any:  # actor i pushes to shard i % S
         return start_actor(cfg, i, shards[i % len(shards)], learner, actions)
@@ -166,6 +180,53 @@ def build_program(cfg: Config, learner_state: dict | None, writer: Any) -> tuple
 
         evaluation = PeriodicEvaluation(ray, cfg, actions, writer)
     return supervisor, evaluation
+
+
+def _replay_files(replay_from: str | None, shards: int) -> list[str | None]:
+    """Each shard's saved replay file beside checkpoint ``replay_from`` (None: none to
+    load); a missing one is said in one line and that shard starts empty."""
+    if replay_from is None:
+        return [None] * shards
+    files: list[str | None] = []
+    for s in range(shards):
+        path = checkpoint.replay_path(replay_from, s)
+        if path.is_file():
+            files.append(str(path))
+        else:
+            print(f"replay shard {s} starts empty: {path} does not exist", flush=True)
+            files.append(None)
+    unused = sorted(s for s in checkpoint.replay_files(replay_from) if s >= shards)
+    if unused:
+        print(f"replay of saved shard(s) {', '.join(map(str, unused))} not restored: this "
+              f"run has {shards} shard(s)", flush=True)  # fmt: skip
+    return files
+
+
+def _restored_replay(shards: list[Any], files: list[str | None]) -> int:
+    """Wait for the shards given a file to load it; one line each: what it restored, or
+    why it starts empty. Returns the transitions restored over all shards."""
+    import ray
+
+    deadline = time.monotonic() + REPLAY_TIMEOUT_S
+    total = 0
+    for s, (shard, path) in enumerate(zip(shards, files, strict=True)):
+        if path is None:
+            continue
+        try:
+            count, error = ray.get(
+                shard.restored.remote(), timeout=max(1.0, deadline - time.monotonic())
+            )
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            count, error = 0, f"it did not say what it restored ({type(exc).__name__})"
+        if error is not None:
+            print(f"replay shard {s} starts empty: {error}", flush=True)
+        else:
+            print(f"replay shard {s} restored {count:,} transitions from {path}", flush=True)
+        total += count
+    if total:
+        print(f"replay restored: {total:,} transitions; learning starts without waiting for "
+              "--replay-min-size", flush=True)  # fmt: skip
+    return total
 
 
 def _newest_learner_state(logdir: str) -> tuple[dict | None, str]:
@@ -206,8 +267,12 @@ class Driver:
         write_hparams(self.writer, cfg)
         counters = Counters(**resume["counters"]) if resume else Counters()
         self.metrics = RunMetrics(cfg, self.writer, counters)
+        replay_from = None  # the checkpoint whose saved replay the shards load, if any
+        if resume is not None:
+            saved = resume["config"].get("save_replay") or checkpoint.replay_files(resume["path"])
+            replay_from = resume["path"] if saved else None
         self.supervisor, self.evaluation = build_program(
-            cfg, resume["learner"] if resume else None, self.writer
+            cfg, resume["learner"] if resume else None, self.writer, replay_from
         )
 
     def run(self) -> None:
@@ -247,6 +312,8 @@ class Driver:
 
         A checkpoint that cannot be taken (the learner does not answer, the disk is full)
         is reported in one line and the run goes on: the previous one is still there.
+        With ``--save-replay`` every shard then writes its contents beside it
+        (:meth:`save_replay`).
         """
         import ray
 
@@ -268,7 +335,39 @@ class Driver:
             print(f"no checkpoint: {exc}", flush=True)
             return None
         print(f"checkpoint {path}", flush=True)
+        if self.cfg.save_replay:
+            self.save_replay(path)
         return path
+
+    def save_replay(self, path: Path) -> None:
+        """Ask every shard to write its contents beside checkpoint ``path`` (each writes
+        its own file, atomically: ``checkpoint.replay_path``), and wait for them all.
+
+        One line for what was saved, and one per shard that could not save (it is
+        restarting, the disk is full): resuming from this checkpoint then starts that
+        shard empty, and the run goes on.
+        """
+        import ray
+
+        asked = [(c.index, c.handle.save_replay.remote(str(checkpoint.replay_path(path, c.index))))
+                 for c in self.supervisor.shards]  # fmt: skip
+        deadline = time.monotonic() + REPLAY_TIMEOUT_S
+        items = size = saved = 0
+        slowest = 0.0
+        for s, ref in asked:
+            try:
+                count, nbytes, seconds = ray.get(
+                    ref, timeout=max(1.0, deadline - time.monotonic())
+                )
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                cause = getattr(exc, "cause", None) or exc
+                why = (str(cause).splitlines() or [""])[0]
+                print(f"replay shard {s} not saved: {type(cause).__name__}: {why}", flush=True)
+                continue
+            items, size, saved = items + count, size + nbytes, saved + 1
+            slowest = max(slowest, seconds)
+        print(f"replay saved: {items:,} transitions of {saved}/{len(asked)} shard(s), "
+              f"{size / 2**20:,.1f} MiB, in {slowest:.1f}s", flush=True)  # fmt: skip
 
     def final_checkpoint(self) -> None:
         """Save a last checkpoint; if that fails, say which one the run continues from."""

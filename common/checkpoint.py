@@ -14,6 +14,13 @@ run twice: inside (``run_id``) and in a one-line owner file beside it,
 loading it. Pruning, and :func:`load` of a directory, only ever consider the files of
 the directory's own run; a checkpoint whose owner is unknown (one written before runs
 had ids) or another run's is never deleted or replaced.
+
+Saved replay (``--save-replay``). Each replay shard writes its contents beside the
+checkpoint, ``checkpoint-<updates>.pt.replay-<shard>.npz`` (:func:`replay_path`), after
+the checkpoint itself: the checkpoint's owner file covers them, and they go with their
+checkpoint, before its owner file, so that a crash while pruning never leaves replay
+files without a file naming their run. A checkpoint rewritten at the same update count
+loses the replay files of the one it replaces (they were of another moment).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 RUN_ID_FILE = "run-id"  # in a run directory: the id of the run it belongs to
 OWNER_SUFFIX = ".run"  # checkpoint-<updates>.pt.run: the id of the run that wrote it
+REPLAY_INFIX = ".replay-"  # checkpoint-<updates>.pt.replay-<shard>.npz: a shard's contents
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Settings the state in a checkpoint depends on: resuming with others cannot work. The
 # networks' shapes follow game (its action count), network and dueling; the optimizer
@@ -130,6 +138,27 @@ def _write_owner(path: Path, run_id: str) -> None:
     _write_atomically(_owner_file(path), lambda f: f.write((run_id + "\n").encode("ascii")))
 
 
+def replay_path(path: str | os.PathLike, shard: int) -> Path:
+    """The file of replay shard ``shard``'s contents saved with the checkpoint ``path``."""
+    p = Path(path)
+    return p.with_name(f"{p.name}{REPLAY_INFIX}{shard}.npz")
+
+
+def replay_files(path: str | os.PathLike) -> dict[int, Path]:
+    """The replay shard files saved with the checkpoint ``path``, by shard index."""
+    p = Path(path)
+    name = re.compile("^" + re.escape(p.name + REPLAY_INFIX) + r"(\d+)\.npz$")
+    if not p.parent.is_dir():
+        return {}
+    found = ((name.match(f.name), f) for f in p.parent.iterdir())
+    return {int(m.group(1)): f for m, f in found if m}
+
+
+def _remove_replay(path: Path) -> None:
+    for f in replay_files(path).values():
+        f.unlink(missing_ok=True)
+
+
 def list_checkpoints(directory: str | os.PathLike, run_id: str | None = None) -> list[Path]:
     """Checkpoints in ``directory``, oldest (fewest updates) first; with ``run_id``, only
     those that run wrote."""
@@ -184,6 +213,8 @@ def save(
         )
     if owner(final) != run_id:
         _write_owner(final, run_id)
+    else:  # the run's own checkpoint of this step, replaced: its replay was of then
+        _remove_replay(final)
     content = {"format": FORMAT, **payload, "run_id": run_id}
     _write_atomically(final, lambda f: torch.save(content, f))
     _prune(d, run_id, keep)
@@ -191,14 +222,17 @@ def save(
 
 
 def _prune(directory: Path, run_id: str, keep: int) -> None:
-    """Delete run ``run_id``'s checkpoints but its ``keep`` newest, and its owner files
-    left without a checkpoint; no other file is touched."""
+    """Delete run ``run_id``'s checkpoints but its ``keep`` newest, with their replay
+    files, and its owner files left without a checkpoint (with the replay files beside
+    them); no other file is touched."""
     for old in list_checkpoints(directory, run_id)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)  # the checkpoint first: it never lacks its owner file
+        _remove_replay(old)  # then its replay, while its owner file still names the run
         _owner_file(old).unlink(missing_ok=True)
     for side in directory.glob("checkpoint-*.pt" + OWNER_SUFFIX):
         checkpoint_file = side.with_name(side.name[: -len(OWNER_SUFFIX)])
         if not checkpoint_file.exists() and _read_id(side) == run_id:
+            _remove_replay(checkpoint_file)
             side.unlink(missing_ok=True)
 
 

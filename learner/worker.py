@@ -1,6 +1,8 @@
 """The Ray actor hosting the :class:`Learner`: trains on a thread, answers on others.
 
-``run()`` trains until ``stop()``: it waits for ``replay_min_size`` transitions, then
+``run()`` trains until ``stop()``: it waits for ``replay_min_size`` transitions (or
+``min_replay``, 1 when the run resumed with its replay restored: that replay is the
+one the learner was learning from, however small), then
 runs :class:`TrainLoop` steps (ready batches in, priorities back to their shards), and
 every ``publish_period`` updates puts a CPU copy of the weights in Ray's object store
 as ``(version, [ref])``. ``latest_weights()``, ``stats()`` and ``state()``
@@ -37,10 +39,14 @@ def _to_cpu(obj: Any) -> Any:
 
 
 class LearnerWorker:
-    def __init__(self, cfg: Config, shards: list[Any], num_actions: int, state: dict | None = None):
+    def __init__(
+        self, cfg: Config, shards: list[Any], num_actions: int, state: dict | None = None,
+        min_replay: int | None = None,
+    ):  # fmt: skip
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device=cuda but the learner's node has no usable GPU")
         self.cfg = cfg
+        self.min_replay = cfg.replay_min_size if min_replay is None else min_replay
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)  # --seed fixes the initial networks
         self.learner = Learner(cfg, num_actions, self.device)
@@ -62,7 +68,7 @@ class LearnerWorker:
 
     def run(self) -> None:
         cfg = self.cfg
-        while not self._stop.is_set() and self.sampler.replay_size() < cfg.replay_min_size:
+        while not self._stop.is_set() and self.sampler.replay_size() < self.min_replay:
             self.sampler.refresh()
             self._stop.wait(1.0)
         self._loop = loop = TrainLoop(self.learner, self.sampler, lock=self._lock)
@@ -114,9 +120,11 @@ class LearnerWorker:
 
 
 def start_learner(
-    cfg: Config, shards: list[Any], num_actions: int, state: dict | None, node: str | None = None
-) -> Any:
-    """The learner as a Ray actor, from ``state`` (a checkpoint's) or from scratch.
+    cfg: Config, shards: list[Any], num_actions: int, state: dict | None,
+    node: str | None = None, min_replay: int | None = None,
+) -> Any:  # fmt: skip
+    """The learner as a Ray actor, from ``state`` (a checkpoint's) or from scratch; it
+    starts learning at ``min_replay`` transitions (None: ``--replay-min-size``).
 
     1 CPU (its train loop keeps a core busy) and 1 GPU with ``--device cuda``; pinned,
     softly, to ``node`` (the driver's, when it can host the learner:
@@ -139,5 +147,5 @@ def start_learner(
             max_restarts=0,
             scheduling_strategy=strategy,
         )
-        .remote(cfg, shards, num_actions, state)
+        .remote(cfg, shards, num_actions, state, min_replay)
     )

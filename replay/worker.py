@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ import ray
 
 from apex_dqn.common.config import BYTES_PER_TRANSITION
 from apex_dqn.common.messages import CompactBatch, Placement, SampledBatch, ShardStats
-from apex_dqn.replay.shard import ReplayShard
+from apex_dqn.replay.shard import ReplayShard, ReplayStateError
 
 
 def shard_memory_bytes(capacity: int) -> int:
@@ -63,16 +64,51 @@ class HostedShard(ReplayShard):
     format its new place calls for.
     """
 
-    def __init__(self, *args, wire: str = "raw", **kwargs):
+    def __init__(self, *args, wire: str = "raw", restore: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.wire = wire
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        self.node = context.get_node_id() if context is not None else None
         self.incarnation = int.from_bytes(os.urandom(6), "little")
         self.samples = 0
         # Keys of each incarnation start at a random multiple of 2**40 (room for 2**40
         # transitions), so a late priority update for an item the previous incarnation
         # held names no item of this one and is dropped like any evicted key.
         self.first_key = self.oldest_key = self.next_key = (self.incarnation % (1 << 22)) << 40
+        self._restored: tuple[int, str | None] = (0, None)
+        in_actor = context is not None and context.get_actor_id() is not None
+        if restore and in_actor and context.was_current_actor_reconstructed:
+            self._restored = (0, "Ray restarted it, and a restarted shard starts empty")
+        elif restore:
+            try:
+                self.load_state(restore)
+                self._restored = (len(self), None)
+            except ReplayStateError as exc:
+                self._restored = (0, str(exc))
+
+    def _extra_state(self) -> dict[str, int]:
+        """The key of the first item of the incarnation that saved: a restored shard
+        continues its keys (its first item's key is its ``first_key``)."""
+        return {"first_key": self.first_key}
+
+    def _load_extra_state(self, extra: dict[str, int]) -> None:
+        first_key = extra.get("first_key")
+        if not isinstance(first_key, int) or first_key < 0:
+            raise ReplayStateError(f"a saved shard's first key {first_key!r} is invalid")
+        self.first_key = first_key
+
+    def save_replay(self, path: str) -> tuple[int, int, float]:
+        """Write the shard's contents to ``path`` (atomically, :meth:`save_state`);
+        returns (transitions saved, bytes written, seconds taken)."""
+        start = time.perf_counter()
+        size = self.save_state(path)
+        return len(self), size, time.perf_counter() - start
+
+    def restored(self) -> tuple[int, str | None]:
+        """What the shard got back from its ``restore`` file: (transitions, None), or
+        (0, the one-line reason it starts empty: the file is bad, or Ray restarted the
+        shard); (0, None) when it was given none."""
+        return self._restored
 
     def sample(
         self, batch_size: int, beta: float, wire: str | None = None, reader: str | None = None
@@ -96,7 +132,7 @@ ReplayShardWorker = ray.remote(HostedShard)
 
 def start_shard(
     index: int, capacity: int, alpha: float, seed: int, memory: int,
-    placement: ReplayPlacement | None = None, wire: str = "raw",
+    placement: ReplayPlacement | None = None, wire: str = "raw", restore: str | None = None,
 ) -> Any:  # fmt: skip
     """Replay shard ``index`` as a Ray actor named ``shard-<index>``.
 
@@ -104,7 +140,8 @@ def start_shard(
     takes, :func:`reserved_memory`), so no node is given more shards than it can hold;
     on the learner's node or SPREAD over nodes, as ``placement`` says (None: SPREAD);
     restarted by Ray, empty (the driver counts what was lost). One call at a time.
-    ``wire`` is the run's ``--replay-wire`` (:func:`wire_for`).
+    ``wire`` is the run's ``--replay-wire`` (:func:`wire_for`). ``restore``: a saved
+    shard file it loads before answering (:class:`HostedShard`), not after a restart.
     """
     strategy: Any = "SPREAD"
     if placement is not None and placement.on_learner_node:
@@ -121,7 +158,7 @@ def start_shard(
             max_restarts=-1,
             scheduling_strategy=strategy,
         )
-        .remote(capacity, alpha, seed=seed, wire=wire)
+        .remote(capacity, alpha, seed=seed, wire=wire, restore=restore)
     )
 
 

@@ -471,3 +471,36 @@ def test_adopt_records_an_owner_once_and_leaves_the_checkpoint(tmp_path):
     assert _state(legacy) == before
     save(tmp_path, payload(4), step=4, keep=1, run_id=RUN)  # now the run's to replace
     assert load(legacy)["run_id"] == RUN
+
+
+def _with_replay(directory: Path, step: int, run_id: str, shards: int = 2) -> Path:
+    """A checkpoint and its replay files, as the driver writes them with --save-replay."""
+    path = save(directory, payload(step), step=step, keep=10, run_id=run_id)
+    for s in range(shards):
+        checkpoint.replay_path(path, s).write_bytes(f"replay {s} of {step}".encode())
+    return path
+
+
+def test_replay_files_go_with_their_checkpoint_and_only_their_runs(tmp_path):
+    """Pruning deletes a checkpoint's replay files with it, and those an interrupted
+    pruning left beside an owner file; another run's replay files are never touched,
+    and a checkpoint rewritten at its step loses the replay of the one it replaces."""
+    theirs = _with_replay(tmp_path, 1, OTHER)
+    assert checkpoint.replay_path(theirs, 1).name == "checkpoint-0000000001.pt.replay-1.npz"
+    assert sorted(checkpoint.replay_files(theirs)) == [0, 1]
+    before = _snapshot(tmp_path)
+    for step in (2, 3, 4):
+        _with_replay(tmp_path, step, RUN)
+    # A pruning cut short: checkpoint 2 gone, its replay and owner file still there.
+    (tmp_path / "checkpoint-0000000002.pt").unlink()
+    save(tmp_path, payload(5), step=5, keep=2, run_id=RUN)
+    now = _snapshot(tmp_path)
+    assert {name: now[name] for name in before} == before
+    assert sorted(set(now) - set(before)) == [
+        "checkpoint-0000000004.pt", "checkpoint-0000000004.pt.replay-0.npz",
+        "checkpoint-0000000004.pt.replay-1.npz", "checkpoint-0000000004.pt.run",
+        "checkpoint-0000000005.pt", "checkpoint-0000000005.pt.run",
+    ]  # fmt: skip
+    save(tmp_path, payload(4), step=4, keep=2, run_id=RUN)  # rewritten: its replay goes
+    assert checkpoint.replay_files(tmp_path / "checkpoint-0000000004.pt") == {}
+    assert {name: _snapshot(tmp_path)[name] for name in before} == before

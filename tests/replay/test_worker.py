@@ -3,6 +3,9 @@ shards go, and the wire format of their batches."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +218,56 @@ def test_shard_worker_answers_in_the_format_for_the_readers_node(ray_local):
     finally:
         for shard in shards.values():
             ray.kill(shard)
+
+
+@pytest.mark.ray
+def test_a_shard_worker_saves_and_a_new_one_restores_it(ray_local, tmp_path):
+    """Saved by one shard process and loaded by another at its start: same keys (its
+    first key too), same draws; a file that is not there leaves the shard empty with one
+    line; and once Ray restarts a restored shard, it starts empty as any restart does."""
+    from apex_dqn.replay.worker import ReplayShardWorker
+
+    ray = ray_local
+    saved = ReplayShardWorker.options(num_cpus=0).remote(300, 0.6, seed=3)
+    restored = missing = None
+    try:
+        rec = RecordedStream(stream=9, num_envs=4, push_period=6, seed=4, max_steps=12,
+                             terminate_prob=0.1, life_loss_prob=0.0)  # fmt: skip
+        for _ in range(150):
+            chunk = rec.step()
+            if chunk is not None:
+                ray.get(saved.add.remote(chunk))
+        path = tmp_path / "checkpoint-0000000001.pt.replay-0.npz"
+        count, size, seconds = ray.get(saved.save_replay.remote(str(path)))
+        before = ray.get(saved.stats.remote())
+        assert count == before.size == 300 and size == path.stat().st_size and seconds >= 0
+
+        options = ReplayShardWorker.options(num_cpus=0, max_restarts=1)
+        restored = options.remote(300, 0.6, seed=77, restore=str(path))
+        missing = options.remote(300, 0.6, seed=77, restore=str(tmp_path / "none.npz"))
+        assert ray.get(restored.restored.remote()) == (300, None)
+        count, error = ray.get(missing.restored.remote())
+        assert count == 0 and error == f"replay file {tmp_path / 'none.npz'} does not exist"
+        after = ray.get(restored.stats.remote())
+        assert after.first_key == before.first_key and after.added == before.added
+        assert after.incarnation != before.incarnation and after.size == 300
+        for _ in range(3):
+            a, b = ray.get([saved.sample.remote(32, 0.4), restored.sample.remote(32, 0.4)])
+            assert np.array_equal(a.keys, b.keys) and np.array_equal(a.weights, b.weights)
+            assert np.array_equal(a.obs, b.obs) and np.array_equal(a.next_obs, b.next_obs)
+
+        ray.kill(restored, no_restart=False)  # Ray brings it back: empty, the file unread
+        stats = after
+        for _ in range(120):  # the kill is asynchronous: wait for the new incarnation
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                stats = ray.get(restored.stats.remote(), timeout=30)
+            if stats.incarnation != after.incarnation:
+                break
+            time.sleep(0.5)
+        assert stats.incarnation != after.incarnation and stats.size == 0
+        count, error = ray.get(restored.restored.remote())
+        assert count == 0 and error == "Ray restarted it, and a restarted shard starts empty"
+    finally:
+        for shard in (saved, restored, missing):
+            if shard is not None:
+                ray.kill(shard)
