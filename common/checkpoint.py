@@ -31,11 +31,12 @@ import re
 import tempfile
 import uuid
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+
+from apex_dqn.common.files import write_atomically
 
 FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
@@ -135,7 +136,7 @@ def adopt(path: str | os.PathLike, run_id: str) -> None:
 def _write_owner(path: Path, run_id: str) -> None:
     if not _RUN_ID.match(run_id):
         raise ValueError(f"invalid run id {run_id!r}")
-    _write_atomically(_owner_file(path), lambda f: f.write((run_id + "\n").encode("ascii")))
+    write_atomically(_owner_file(path), lambda f: f.write((run_id + "\n").encode("ascii")))
 
 
 def replay_path(path: str | os.PathLike, shard: int) -> Path:
@@ -171,21 +172,6 @@ def list_checkpoints(directory: str | os.PathLike, run_id: str | None = None) ->
     return [p for _, p in sorted(found)]
 
 
-def _write_atomically(final: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``final`` with ``write(file)``: into a temporary file in the same directory,
-    flushed to disk, then renamed over ``final``."""
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix="." + final.name + "-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(
     directory: str | os.PathLike,
     payload: dict[str, Any],
@@ -216,7 +202,7 @@ def save(
     else:  # the run's own checkpoint of this step, replaced: its replay was of then
         _remove_replay(final)
     content = {"format": FORMAT, **payload, "run_id": run_id}
-    _write_atomically(final, lambda f: torch.save(content, f))
+    write_atomically(final, lambda f: torch.save(content, f))
     _prune(d, run_id, keep)
     return final
 

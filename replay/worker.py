@@ -32,7 +32,8 @@ import ray
 
 from apex_dqn.common.config import BYTES_PER_TRANSITION
 from apex_dqn.common.messages import CompactBatch, Placement, SampledBatch, ShardStats
-from apex_dqn.replay.shard import ReplayShard, ReplayStateError
+from apex_dqn.replay.persist import ReplayStateError
+from apex_dqn.replay.shard import ReplayShard
 
 
 def shard_memory_bytes(capacity: int) -> int:

@@ -13,7 +13,8 @@ import zstandard
 
 import apex_dqn.replay.shard as shard_module
 from apex_dqn.common.envs import FRAME_SHAPE
-from apex_dqn.replay.shard import ReplayShard, ReplayStateError
+from apex_dqn.replay.persist import ReplayStateError
+from apex_dqn.replay.shard import ReplayShard
 from tests.replay.recorder import RecordedStream, check_shard
 from tests.replay.test_shard import CASES, check_invariants, run_streams
 
