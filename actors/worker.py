@@ -30,7 +30,7 @@ import torch
 from apex_dqn.actors.actor import Actor
 from apex_dqn.actors.inference import InferenceNet
 from apex_dqn.common.config import Config
-from apex_dqn.common.envs import make_vector_env
+from apex_dqn.common.envs import make_lane_envs
 from apex_dqn.common.inflight import InFlight
 from apex_dqn.common.messages import ActorReport, Placement
 from apex_dqn.common.schedules import population_epsilons
@@ -121,14 +121,14 @@ class ActorWorker:
         self.cfg, self.index = cfg, index
         seed = cfg.seed * 10_007 + index * 101 + int.from_bytes(os.urandom(2), "little")
         self.stream = int.from_bytes(os.urandom(7), "little")  # new for every incarnation
-        env = make_vector_env(cfg, cfg.envs_per_actor, cfg.actor_threads, cfg.actor_lanes)
+        envs = make_lane_envs(cfg)
         policy = InferenceNet(num_actions, cfg.network, cfg.dueling, cfg.actor_precision)
         epsilons = population_epsilons(
             index, cfg.num_actors, cfg.max_actors, cfg.envs_per_actor, cfg.epsilon_spread
         )
         self._push = BoundedPusher(shard, cfg.max_pushes_in_flight)
         self._weights = WeightPoller(learner, lambda: self.actor.weights_version)
-        self.actor = Actor(cfg, index, env, policy, epsilons, self._push, self._weights,
+        self.actor = Actor(cfg, index, envs, policy, epsilons, self._push, self._weights,
                            stream=self.stream, seed=seed)  # fmt: skip
         self._stop = threading.Event()
         self._reported_steps = self._reported_failed = 0

@@ -51,7 +51,7 @@ def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
     from apex_dqn.actors.actor import Actor
     from apex_dqn.actors.inference import InferenceNet
     from apex_dqn.actors.worker import BoundedPusher
-    from apex_dqn.common.envs import make_vector_env, num_actions
+    from apex_dqn.common.envs import make_lane_envs, make_vector_env, num_actions
     from apex_dqn.common.networks import build_network, state_dict_to_numpy
     from apex_dqn.common.schedules import actor_epsilons
     from apex_dqn.replay.worker import ReplayShardWorker
@@ -64,7 +64,7 @@ def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
 
     shard = ReplayShardWorker.options(num_cpus=0).remote(200_000, cfg.priority_alpha)
     ray.get(shard.stats.remote())
-    env = make_vector_env(cfg, k, cfg.actor_threads, cfg.actor_lanes)
+    envs = make_lane_envs(cfg)
     policy = InferenceNet(num_actions(cfg.game), cfg.network, cfg.dueling, cfg.actor_precision)
     states = [state_dict_to_numpy(build_network(policy.num_actions, cfg.network, cfg.dueling))
               for _ in range(2)]  # fmt: skip
@@ -77,7 +77,7 @@ def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
 
     eps = actor_epsilons(0, 1, k, "env")
     pusher = BoundedPusher(shard, cfg.max_pushes_in_flight)
-    actor = Actor(cfg, 0, env, policy, eps, pusher, newer_weights, stream=1, seed=0)
+    actor = Actor(cfg, 0, envs, policy, eps, pusher, newer_weights, stream=1, seed=0)
     actor.run(cfg.push_period)  # warm up, first pushes
     for key in vars(actor.times):
         setattr(actor.times, key, 0.0)

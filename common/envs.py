@@ -69,20 +69,18 @@ def num_actions(game: str) -> int:
         env.close()
 
 
-def make_vector_env(cfg: Config, num_envs: int, threads: int = 1, lanes: int = 1) -> Any:
+def make_vector_env(cfg: Config, num_envs: int, threads: int = 1) -> Any:
     """ale-py's vector env with the DQN preprocessing and the config's protocol.
 
-    With ``lanes > 1`` the env is asynchronous: ``recv`` returns ``num_envs / lanes``
-    envs at a time (``info["env_id"]`` says which): with one emulator thread one lane,
-    in the order the actions were sent; with more, whichever envs finished first, mixed
-    across lanes and in any order (the actor regroups them, ``actors/actor.py``).
+    ``send`` returns at once and the emulator threads step while the caller works;
+    ``recv`` waits for every env and returns them in env order, whatever thread stepped
+    which (each result lands in its env's slot).
     """
     from ale_py.vector_env import AtariVectorEnv
 
     return AtariVectorEnv(
         cfg.game,
         num_envs,
-        batch_size=num_envs // lanes,
         num_threads=threads,
         frameskip=cfg.frame_skip,
         stack_num=STACK,
@@ -101,6 +99,15 @@ def make_vector_env(cfg: Config, num_envs: int, threads: int = 1, lanes: int = 1
         # none, and the agent learns to press FIRE itself.
         use_fire_reset=False,
     )
+
+
+def make_lane_envs(cfg: Config) -> list[Any]:
+    """The lanes of an actor (``actors/actor.py``): ``actor_lanes`` vector envs of
+    ``envs_per_actor / actor_lanes`` envs, the ``actor_threads`` emulator threads split
+    between them, at least one each."""
+    width = cfg.envs_per_actor // cfg.actor_lanes
+    threads = max(1, cfg.actor_threads // cfg.actor_lanes)
+    return [make_vector_env(cfg, width, threads) for _ in range(cfg.actor_lanes)]
 
 
 def _gymnasium_id(game: str) -> str:

@@ -7,6 +7,7 @@ cluster.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from apex_dqn.actors.actor import Actor
 from apex_dqn.actors.inference import InferenceNet
 from apex_dqn.common.config import Config
+from apex_dqn.common.envs import VectorEnv
 from apex_dqn.common.networks import state_dict_to_numpy
 from apex_dqn.common.schedules import actor_epsilons
 from apex_dqn.learner.learning import Learner
@@ -21,12 +23,12 @@ from apex_dqn.learner.pipeline import LocalSampler, to_torch
 from apex_dqn.replay.shard import ReplayShard
 
 
-def run_serial(cfg: Config, env: Any, num_actions: int, steps: int, updates_per_step: int = 1,
-               seed: int = 0) -> tuple[Any, Any]:  # fmt: skip
+def run_serial(cfg: Config, envs: Sequence[VectorEnv], num_actions: int, steps: int,
+               updates_per_step: int = 1, seed: int = 0) -> tuple[Any, Any]:  # fmt: skip
     """The same components in one process, no Ray: for tests and debugging.
 
-    One actor steps ``env``, one replay shard stores its chunks, the learner trains
-    ``updates_per_step`` batches after each actor step once ``replay_min_size``
+    One actor steps ``envs`` (its lanes), one replay shard stores its chunks, the learner
+    trains ``updates_per_step`` batches after each actor step once ``replay_min_size``
     transitions are in, and the actor takes the learner's weights every
     ``weight_sync_period`` steps. Returns the learner and the actor.
     """
@@ -37,10 +39,10 @@ def run_serial(cfg: Config, env: Any, num_actions: int, steps: int, updates_per_
         device = "cuda" if torch.cuda.is_available() else "cpu"
     learner = Learner(cfg, num_actions, device)
     sampler = LocalSampler([shard], cfg.batch_size, seed=seed)
-    epsilons = actor_epsilons(0, 1, env.num_envs, cfg.epsilon_spread)
+    epsilons = actor_epsilons(0, 1, sum(env.num_envs for env in envs), cfg.epsilon_spread)
     policy = InferenceNet(num_actions, cfg.network, cfg.dueling, cfg.actor_precision)
     actor = Actor(
-        cfg, 0, env, policy, epsilons, shard.add,
+        cfg, 0, envs, policy, epsilons, shard.add,
         lambda: (learner.updates, state_dict_to_numpy(learner.online)),
         stream=0, seed=seed,
     )  # fmt: skip

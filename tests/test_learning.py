@@ -31,8 +31,8 @@ def test_pipeline_learns_the_toy_game():
         push_period=10, weight_sync_period=10, envs_per_actor=4, actor_lanes=2,
         epsilon_spread="env", priority_alpha=0.6,
     )  # fmt: skip
-    env = ToyAtariVectorEnv(4, max_steps=20, seed=0, batch_size=2)
-    learner, actor = run_serial(cfg, env, num_actions=4, steps=300, updates_per_step=2)
+    envs = [ToyAtariVectorEnv(2, max_steps=20, seed=lane) for lane in range(2)]  # 2 lanes
+    learner, actor = run_serial(cfg, envs, num_actions=4, steps=300, updates_per_step=2)
     assert learner.updates > 250
     assert actor.weights_version > 0  # the actor played with the learner's weights
     assert greedy_accuracy(learner.online) >= 0.95
