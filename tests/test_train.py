@@ -279,7 +279,9 @@ def test_a_run_resumes_with_its_saved_replay_and_learns_at_once(tmp_path):
     assert stored >= 500
     files[1].unlink()
 
-    resumed = TrainRun(["--resume", str(tmp_path), "--total-frames", "16000",
+    # 28,000 more frames push ~7,000 transitions: without the restored replay the learner
+    # would not reach --replay-min-size in this run at all.
+    resumed = TrainRun(["--resume", str(tmp_path), "--total-frames", "40000",
                         "--replay-min-size", "20000"])  # fmt: skip
     code = resumed.wait()
     assert code == 0, resumed.output[-4000:]
