@@ -290,6 +290,7 @@ COMMAND_CASES = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # two commands started per case (~40 s in all); load() is tested above
 @pytest.mark.parametrize("kind", list(COMMAND_CASES))
 def test_commands_refuse_a_bad_checkpoint_in_one_line(tmp_path, kind):
     """``train.py --resume FILE`` (before Ray starts) and ``apex-dqn-evaluate
