@@ -40,6 +40,7 @@ def test_actor_benchmark():
 
 
 @pytest.mark.rom  # the wire figures are measured on Space Invaders' frames
+@pytest.mark.slow
 def test_replay_benchmark():
     out = _run("apex_dqn.benchmarks.replay", "--quick", "--no-ray")
     assert out["bytes_per_transition"] < out["naive_bytes_per_transition"]
@@ -59,6 +60,7 @@ def test_replay_benchmark():
         assert set(out[name]) == set(wire) and all(v > 0 for v in out[name].values())
 
 
+@pytest.mark.slow
 def test_learner_benchmark_without_ray():
     out = _run("apex_dqn.benchmarks.learner", "--local", "--network", "dqn2013",
                "--batch-size", "8", "--capacity", "2000", "--seconds", "2", "--rounds", "2")
