@@ -7,7 +7,7 @@ with zero-copy reads and they need no Ray to build in tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -42,15 +42,14 @@ class TransitionChunk:
         return len(self.actions)
 
 
-@dataclass
-class SampledBatch:
-    """A minibatch ready to train on, plus what is needed to send priorities back."""
+@dataclass(kw_only=True)
+class BatchMeta:
+    """What every sampled batch carries besides its observations: the transitions' other
+    fields, and what the learner needs for importance weights and priority updates."""
 
-    obs: np.ndarray  # (B, 4, 84, 84) uint8
     actions: np.ndarray  # (B,) int64
     returns: np.ndarray  # (B,) float32
     discounts: np.ndarray  # (B,) float32
-    next_obs: np.ndarray  # (B, 4, 84, 84) uint8
     weights: np.ndarray  # (B,) float32 importance weights, max 1
     keys: np.ndarray  # (B,) int64 replay keys, for priority updates
     probs: np.ndarray  # (B,) float64 sampling probability within the shard
@@ -60,6 +59,18 @@ class SampledBatch:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+    def meta(self) -> dict:
+        """The :class:`BatchMeta` fields, by name (to build another kind of batch)."""
+        return {f.name: getattr(self, f.name) for f in fields(BatchMeta)}
+
+
+@dataclass(kw_only=True)
+class SampledBatch(BatchMeta):
+    """A minibatch ready to train on, plus what is needed to send priorities back."""
+
+    obs: np.ndarray  # (B, 4, 84, 84) uint8
+    next_obs: np.ndarray  # (B, 4, 84, 84) uint8
 
 
 # ---------------------------------------------------------------------- control plane
@@ -170,8 +181,8 @@ def compress_frames(frames: np.ndarray, level: int = ZSTD_LEVEL) -> np.ndarray:
     return np.frombuffer(packed, dtype=np.uint8)
 
 
-@dataclass
-class CompactBatch:
+@dataclass(kw_only=True)
+class CompactBatch(BatchMeta):
     """A sampled batch as it crosses the network: the batch's distinct frames once, its
     stacks as indices into them.
 
@@ -182,7 +193,7 @@ class CompactBatch:
     frames, so 7 are distinct at n = 3; the zero frame of episode starts goes once for the
     whole batch, and transitions close in time share frames too: F <= 8 B. With ``codec="zstd"``
     ``frames`` holds them compressed (:func:`compress_frames`), which on Atari screens
-    takes them from ~7 KB to ~100 B each. The metadata is that of ``SampledBatch``.
+    takes them from ~7 KB to ~100 B each.
     """
 
     frames: np.ndarray  # (F, 84, 84) uint8 distinct frames; codec "zstd": (C,) uint8 of them
@@ -190,18 +201,6 @@ class CompactBatch:
     num_frames: int  # F
     obs_index: np.ndarray  # (B, 4) int32 rows of the distinct frames
     next_index: np.ndarray  # (B, 4) int32
-    actions: np.ndarray  # (B,) int64
-    returns: np.ndarray  # (B,) float32
-    discounts: np.ndarray  # (B,) float32
-    weights: np.ndarray  # (B,) float32 importance weights, max 1
-    keys: np.ndarray  # (B,) int64 replay keys, for priority updates
-    probs: np.ndarray  # (B,) float64 sampling probability within the shard
-    shard_size: int  # items in the shard when sampled
-    shard_total: float  # the shard's total priority mass when sampled
-    shard_min: float = float("inf")  # its least live priority then; inf: not reported
-
-    def __len__(self) -> int:
-        return len(self.actions)
 
     @property
     def wire(self) -> str:
@@ -230,9 +229,4 @@ class CompactBatch:
         frames = self.distinct_frames()
         index = np.stack([self.obs_index, self.next_index])  # (2, B, 4)
         stacks = np.take(frames, index.ravel(), axis=0).reshape(*index.shape, *frames.shape[1:])
-        return SampledBatch(
-            obs=stacks[0], actions=self.actions, returns=self.returns,
-            discounts=self.discounts, next_obs=stacks[1], weights=self.weights,
-            keys=self.keys, probs=self.probs, shard_size=self.shard_size,
-            shard_total=self.shard_total, shard_min=self.shard_min,
-        )  # fmt: skip
+        return SampledBatch(obs=stacks[0], next_obs=stacks[1], **self.meta())
