@@ -14,13 +14,15 @@ The driver (:class:`Driver`) only watches: every second the supervisor brings ba
 died and grows the actor population (``driver/supervisor.py``); every log interval the
 run metrics are collected and written to the console and TensorBoard
 (``driver/metrics.py``); every few minutes, and when the run stops (frame budget,
-Ctrl-C or SIGTERM), the learner is checkpointed.
+Ctrl-C or SIGTERM), the learner is checkpointed. After the last checkpoint, once the
+program has stopped, the final weights are evaluated (``evaluation/final.py``).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 try:
@@ -28,6 +30,7 @@ try:
     from apex_dqn.common.config import Config, ConfigError
     from apex_dqn.driver import rundir, session
     from apex_dqn.driver.prepare import PROG, prepare, resolve_on_cluster
+    from apex_dqn.replay import rate_limiter as replay_ratio
 except ModuleNotFoundError as exc:  # run from a checkout that was never installed
     if exc.name != "apex_dqn":
         raise
@@ -112,8 +115,9 @@ class Driver:
             custom_scalars_layout,
             write_hparams,
         )
+        from apex_dqn.driver.mirror import start_copy
 
-        self.cfg = cfg
+        self.cfg, self.run_id = cfg, run_id
         self.writer = SummaryWriter(cfg.logdir)
         self.writer.add_text("config", config_table(cfg), global_step=0)
         self.writer.add_custom_scalars(custom_scalars_layout())
@@ -127,7 +131,9 @@ class Driver:
         self.supervisor, self.evaluation = build_program(
             cfg, resume["learner"] if resume else None, self.writer, replay_from
         )
-        self.checkpoints = RunCheckpoints(cfg, run_id, self.supervisor, counters)
+        # With --storage, a thread copies the run there after each checkpoint.
+        self.storage = start_copy(cfg, run_id, flush=self.writer.flush)
+        self.checkpoints = RunCheckpoints(cfg, run_id, self.supervisor, counters, self.storage)
 
     def run(self) -> None:
         cfg, c = self.cfg, self.metrics.counters
@@ -160,9 +166,19 @@ class Driver:
         if self.evaluation is not None:
             self.evaluation.finish()
 
-    def shutdown(self) -> None:
-        self.supervisor.stop()
-        self.writer.close()
+    def finish(self, saved: Path | None) -> None:
+        """Once the program and Ray have stopped: the final evaluation of the weights in
+        ``saved`` (the final checkpoint), logged at the run's last frame count; then the
+        TensorBoard writer is closed, and with ``--storage`` the run's last files copied."""
+        from apex_dqn.evaluation.final import final_evaluation
+
+        try:
+            final_evaluation(self.cfg, saved, self.writer, self.metrics.counters.env_frames,
+                             self.run_id)  # fmt: skip
+        finally:
+            self.writer.close()
+            if self.storage is not None:
+                self.storage.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         f"learner on {cfg.device}, batch {cfg.batch_size}",
         flush=True,
     )
+    from apex_dqn.learner.learning import choose_amp  # decided again on the learner's node
+
+    print(f"learner arithmetic: {choose_amp(cfg.amp, cfg.device)}", flush=True)
+    print(replay_ratio.describe(cfg), flush=True)
     driver = None
     try:
         driver = Driver(cfg, resume, run.run_id)
@@ -193,13 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: saving a checkpoint before stopping", flush=True)
     finally:
         session.ignore_signals()  # neither a second Ctrl-C nor a SIGTERM cuts the checkpoint
+        saved = None
         try:
             if driver is not None:
-                driver.checkpoints.final()
+                saved = driver.checkpoints.final()
         finally:
             if driver is not None:
-                driver.shutdown()
+                driver.supervisor.stop()
             ray.shutdown()
+            if driver is not None:  # after the checkpoint: a signal now skips only this
+                driver.finish(saved)
     return 0
 
 

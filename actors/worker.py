@@ -11,6 +11,10 @@
   newer, and checking readiness with ``ray.wait(timeout=0)``: it never waits. While the
   learner is dead the poll fails quietly and the actor acts with the weights it has,
   until the driver points it at the restarted learner (``set_learner``).
+* Replay ratio (``--samples-per-insert``): the shard answers a push the ratio does not
+  allow yet with "not yet"; the pusher keeps the chunk and offers it again, and the
+  actor stops stepping while ``max_pushes_in_flight`` pushes are pending
+  (:class:`BoundedPusher`, paced).
 * Epsilons come from the actor's index alone (``population_epsilons``), so an actor that
   Ray restarts, or that the driver re-creates under the same index, explores as before.
 * Its Ray options are declared here (:func:`start_actor`): ``max_concurrency=2`` gives
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import ray
@@ -43,22 +48,110 @@ class BoundedPusher:
     busy shard reaches the actor, and no queue grows without bound. An answer is either
     the count stored (``acked``) or an error: a dead or restarting shard fails a push at
     once, so the wait never hangs on one; such pushes are counted in ``failed``.
+
+    ``paced`` (``--samples-per-insert``): the shard may answer a push "not yet" (None,
+    ``HostedShard.offer``) when the replay ratio does not allow it. The chunk is kept,
+    put in Ray's object store once (``ray.put``) so that offering it again sends only
+    its reference, and offered again, with every later push refused behind it, in the
+    order they were first sent, after a back-off that doubles from ``backoff[0]`` to
+    ``backoff[1]`` seconds while refusals go on. Pushes unanswered or refused count
+    against ``limit`` alike: :meth:`wait_for_room`, which the worker calls before each
+    step, outside the actor's lock, is where the actor stops stepping its environments
+    until the ratio lets its pushes in. Nothing is dropped.
     """
 
-    def __init__(self, shard: Any, limit: int):
-        self.shard, self.limit = shard, limit
+    def __init__(
+        self, shard: Any, limit: int, paced: bool = False,
+        backoff: tuple[float, float] = (0.005, 0.1),
+    ):  # fmt: skip
+        self.shard, self.limit, self.paced = shard, limit, paced
         self.in_flight: InFlight[None] = InFlight()
         self.acked = 0  # pushes the shard answered
         self.failed = 0  # pushes lost to a dead or restarting shard
+        self.refused = 0  # "not yet" answers (paced): each refused push is offered again
+        self.waited_s = 0.0  # seconds spent in wait_for_room
+        self.backoff = backoff
+        # Paced: [chunk ref, answer ref or None while refused], oldest first.
+        self._pushes: list[list[Any]] = []
+        self._delay = backoff[0]
+        self._retry_at = 0.0
+
+    def __len__(self) -> int:
+        """Pushes not yet stored: unanswered, or (paced) refused and to be offered again."""
+        return len(self._pushes) if self.paced else len(self.in_flight)
 
     def __call__(self, chunk) -> None:
+        if self.paced:
+            ref = ray.put(chunk)
+            self._pushes.append([ref, self.shard.offer.remote(ref)])
+            self._pump(block=False)
+            return
         self.in_flight.add(self.shard.add.remote(chunk), None)
         excess = len(self.in_flight) - self.limit
         if excess > 0:
             self._settle(self.in_flight.take(timeout=None, num=excess))
 
+    def wait_for_room(self, stop: threading.Event | None = None) -> None:
+        """Paced: wait until fewer than ``limit`` pushes are pending, room for the next
+        (or until ``stop`` is set), taking answers and offering refused pushes again
+        meanwhile. A step pushes at most one chunk, so waiting before each step keeps
+        ``limit`` pending at most, as the unpaced pusher does."""
+        if not self.paced or len(self._pushes) < self.limit:
+            return
+        start = time.perf_counter()
+        while len(self._pushes) >= self.limit and not (stop is not None and stop.is_set()):
+            self._pump(block=True)
+        self.waited_s += time.perf_counter() - start
+
+    def _pump(self, block: bool) -> None:
+        """Take the answers that are in, then offer the refused pushes again, oldest
+        first, once their back-off is over. ``block``: first wait for an answer or for
+        the back-off to end (at most 0.1 s)."""
+        waiting = [answer for _, answer in self._pushes if answer is not None]
+        if block:
+            refused = len(waiting) < len(self._pushes)
+            timeout = max(0.0, self._retry_at - time.monotonic()) if refused else 0.1
+            if waiting:
+                ray.wait(waiting, num_returns=1, timeout=min(timeout, 0.1))
+            else:
+                time.sleep(min(timeout, 0.1))
+        if waiting:
+            ready = set(ray.wait(waiting, num_returns=len(waiting), timeout=0)[0])
+            kept = []
+            for push in self._pushes:
+                if push[1] is None or push[1] not in ready:
+                    kept.append(push)
+                    continue
+                try:
+                    stored = ray.get(push[1])
+                except ray.exceptions.RayError:
+                    self.failed += 1
+                    continue
+                if stored is None:  # not yet: keep it, offer it again after the back-off
+                    self.refused += 1
+                    push[1] = None
+                    kept.append(push)
+                    if self._retry_at <= time.monotonic():
+                        self._retry_at = time.monotonic() + self._delay
+                        self._delay = min(2 * self._delay, self.backoff[1])
+                else:
+                    self.acked += 1
+                    self._delay = self.backoff[0]
+            self._pushes = kept
+        if time.monotonic() >= self._retry_at:
+            for push in self._pushes:
+                if push[1] is None:
+                    push[1] = self.shard.offer.remote(push[0])
+
     def flush(self, timeout: float | None = None) -> None:
-        """Wait for every push in flight to be answered (or ``timeout`` seconds)."""
+        """Wait for every push in flight to be answered (or ``timeout`` seconds).
+
+        Paced: until every push is stored or lost, offering refused ones again."""
+        if self.paced:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._pushes and (deadline is None or time.monotonic() < deadline):
+                self._pump(block=True)
+            return
         self._settle(self.in_flight.take(timeout=timeout))
 
     def _settle(self, done: list) -> None:
@@ -126,7 +219,8 @@ class ActorWorker:
         epsilons = population_epsilons(
             index, cfg.num_actors, cfg.max_actors, cfg.envs_per_actor, cfg.epsilon_spread
         )
-        self._push = BoundedPusher(shard, cfg.max_pushes_in_flight)
+        self._push = BoundedPusher(shard, cfg.max_pushes_in_flight,
+                                   paced=cfg.samples_per_insert > 0)  # fmt: skip
         self._weights = WeightPoller(learner, lambda: self.actor.weights_version)
         self.actor = Actor(cfg, index, envs, policy, epsilons, self._push, self._weights,
                            stream=self.stream, seed=seed)  # fmt: skip
@@ -141,6 +235,9 @@ class ActorWorker:
                 break
             self._stop.wait(0.05)
         while not self._stop.is_set():
+            # Paced pushes the replay ratio holds back stop the stepping here, between two
+            # steps and outside the lock, so drain() and stop() still answer meanwhile.
+            self._push.wait_for_room(self._stop)
             with self._lock:
                 self.actor.step()
 
@@ -168,7 +265,7 @@ class ActorWorker:
                 episodes=self.actor.drain_episodes(),
                 env_steps=steps,
                 weights_version=self.actor.weights_version,
-                pushes_in_flight=len(self._push.in_flight),
+                pushes_in_flight=len(self._push),
                 pushes_failed=failed,
             )
 

@@ -44,7 +44,7 @@ class _Clock:
         return {"steps_per_s": self.steps / self.wall, "cpu_cores": self.cpu / self.wall}
 
 
-def _measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
+def measure(cfg, seconds: float, rounds: int) -> tuple[dict, dict]:
     """Raw env and actor in alternating rounds, so load changes hit both alike."""
     import ray
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        raw, actor = _measure(cfg, args.seconds, args.rounds)
+        raw, actor = measure(cfg, args.seconds, args.rounds)
     finally:
         ray.shutdown()
     result = {

@@ -51,6 +51,13 @@ core), a learner that can consume ``L`` samples/s, links of ``B`` bytes/s each w
     shards needed           ceil(rho(I_A, L) * N), and for spread also
                             ceil(L * W[w] / B) and ceil(I_A * p / B)
 
+On one machine of ``C`` cores (``--cores C``; 0, the default, gives each actor and the
+learner a core of its own, as on a cluster sized by this tool) the actors and the learner
+share what the shards leave: ``a`` and ``L`` are both scaled by
+``share = min(1, (C - N * rho(A * a, L)) / (A + 1))`` (:func:`core_share`).
+``benchmarks.capacity_check`` runs ``train.py`` here, on one node and on several
+(``ray.cluster_utils.Cluster``), and sets what it measures beside these predictions.
+
 Which part saturates first is the one of largest utilisation at the nominal point
 (``I = I_A``, ``S = L``): the learner ``I_A * r* / L`` (it cannot sample each transition
 ``r*`` times), the actors ``L / (I_A * r*)`` (they cannot feed the learner at ``r*``; the two
@@ -77,13 +84,14 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
 from apex_dqn.benchmarks import actor as actor_bench
 from apex_dqn.benchmarks import learner as learner_bench
 from apex_dqn.benchmarks import replay as replay_bench
+from apex_dqn.benchmarks import synthetic
 from apex_dqn.common.config import Config
 from apex_dqn.common.messages import WIRE_FORMATS
 from apex_dqn.replay.worker import shard_memory_bytes, wire_for
@@ -128,6 +136,7 @@ class Cluster:
     envs_per_actor: int = 16
     publish_period: int = 25
     weight_sync_period: int = 100
+    cores: float = 0.0  # > 0: the whole program shares this many cores (one machine)
 
 
 @dataclass
@@ -148,6 +157,7 @@ class Prediction:
     replay_memory_bytes: int
     learner_decode_cores: float
     network: dict[str, dict[str, float]] = field(default_factory=dict)  # node -> in/out
+    core_share: float = 1.0  # of a core, each actor's and the learner's (``core_share``)
 
 
 def _links(c: Costs, k: Cluster, insert: float, sample: float) -> dict[str, dict[str, float]]:
@@ -181,11 +191,28 @@ def shard_load(c: Costs, k: Cluster, insert: float, sample: float) -> float:
     return (insert * c.insert_s + sample * c.sample_s[k.wire]) / k.shards
 
 
+def core_share(c: Costs, k: Cluster) -> float:
+    """The fraction of a core each actor and the learner get when the whole program
+    shares ``k.cores`` cores (1 when ``k.cores`` is 0: a core each, as Ray reserves them).
+
+    Each actor and the learner would keep one core busy; the shards need only
+    ``N * rho`` cores at the nominal load and are served first (they wake for short
+    calls, and the kernel's scheduler favours a process that has slept), so the rest is
+    split evenly: ``share = min(1, (cores - N * rho(A * a, L)) / (A + 1))``.
+    """
+    if k.cores <= 0:
+        return 1.0
+    shards = shard_load(c, k, k.actors * c.actor_steps_per_core, k.learner_samples_per_s)
+    left = max(k.cores - shards * k.shards, 0.0)
+    return min(1.0, left / (k.actors + 1))
+
+
 def predict(c: Costs, k: Cluster) -> Prediction:
     """The model of the module docstring, for cluster ``k`` with costs ``c``."""
     link = k.link_gbps * 1e9 / 8
-    produced = k.actors * c.actor_steps_per_core
-    demand = k.learner_samples_per_s
+    share = core_share(c, k)
+    produced = k.actors * c.actor_steps_per_core * share
+    demand = k.learner_samples_per_s * share
     # Pushes cross the learner node's link (learner placement) or the shard nodes' links
     # (spread), and each shard can insert at most 1 / c_ins per second on its one core.
     i_link = link / c.push_bytes * (1 if k.placement == "learner" else k.shards)
@@ -236,6 +263,7 @@ def predict(c: Costs, k: Cluster) -> Prediction:
         replay_memory_bytes=replay_memory(k.replay_capacity, k.shards),
         learner_decode_cores=sample * c.decode_s[k.wire],
         network=_links(c, k, insert, sample),
+        core_share=share,
     )
 
 
@@ -248,7 +276,7 @@ def measure_actor(cfg: Config, seconds: float, rounds: int) -> dict[str, float]:
     torch.set_num_threads(cfg.actor_threads)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        _, act = actor_bench._measure(cfg, seconds, rounds)
+        _, act = actor_bench.measure(cfg, seconds, rounds)
     finally:
         ray.shutdown()
     return act
@@ -281,11 +309,11 @@ def measure_learner(network: str, batch: int, seconds: float) -> dict[str, float
     dev = torch.device("cpu")
     cfg = Config(network=network, batch_size=batch, device="cpu")
     learner = Learner(cfg, num_actions=6, device=dev)
-    fixed = learner_bench._synthetic_batch(batch, dev, np.random.default_rng(0))
+    fixed = synthetic.torch_batch(batch, dev, np.random.default_rng(0))
     for _ in range(3):
         learner.update(fixed)
     c0 = time.process_time()
-    done, took = learner_bench._run(lambda: learner.update(fixed), seconds, dev)
+    done, took = learner_bench.run_for(lambda: learner.update(fixed), seconds, dev)
     cores = (time.process_time() - c0) / took
     params = sum(p.numel() * 4 for p in learner.online.parameters())
     return {"updates_per_s": done / took, "cpu_cores": cores, "param_bytes": params}
@@ -422,6 +450,9 @@ def table(costs: Costs, k: Cluster, p: Prediction) -> str:
                           f"{k.replay_capacity:,} transitions"),
         ("learner decode", f"{p.learner_decode_cores:.2f} cores"),
     ]  # fmt: skip
+    if k.cores > 0:
+        rows.append(("core share", f"{p.core_share:.2f} of a core per actor and learner on "
+                                   f"{k.cores:g} shared cores"))  # fmt: skip
     for node, flows in p.network.items():
         rows.append((node, f"in {_fmt_bytes(flows['in'])}/s, out {_fmt_bytes(flows['out'])}/s"))
     rows += [(f"utilisation {name}", f"{u:.2f}") for name, u in p.utilisation.items()]
@@ -429,7 +460,7 @@ def table(costs: Costs, k: Cluster, p: Prediction) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -454,7 +485,7 @@ def _positive(kind: type, what: str):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m apex_dqn.benchmarks.capacity",
+    parser = OneLineParser(prog="python -m apex_dqn.benchmarks.capacity",
                      description=__doc__.splitlines()[0])  # fmt: skip
     pint, pfloat = (lambda what: _positive(int, what)), (lambda what: _positive(float, what))
     d = Cluster()
@@ -486,6 +517,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=d.batch_size,
         help="the cluster learner's batch (for the weight broadcasts)",
     )
+    parser.add_argument(
+        "--cores",
+        type=float,
+        default=d.cores,
+        help="cores the whole program shares on one machine (0: a core per actor and learner)",
+    )
     parser.add_argument("--network", default="nature", choices=("nature", "dqn2013"))
     parser.add_argument("--envs", type=pint("--envs"), default=d.envs_per_actor)
     parser.add_argument("--quick", action="store_true", help="a ~20 s run with rough figures")
@@ -500,6 +537,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="take the per-core costs from a previous run's last line instead of measuring",
     )
     args = parser.parse_args(argv)
+    if args.cores < 0:
+        parser.error(f"argument --cores: must be 0 or more, got {args.cores:g}")
     # The learner reads from its own node under "learner", from other nodes under "spread".
     reader = "shard node" if args.replay_placement == "learner" else "learner node"
     args.wire = wire_for(args.wire, "shard node", reader)
@@ -525,7 +564,7 @@ def main(argv: list[str] | None = None) -> dict:
         link_gbps=args.link_gbps, replay_capacity=args.replay_capacity,
         placement=args.replay_placement, wire=args.wire,
         target_replay_ratio=args.target_replay_ratio, actors_per_node=args.actors_per_node,
-        batch_size=args.batch_size, envs_per_actor=args.envs,
+        batch_size=args.batch_size, envs_per_actor=args.envs, cores=args.cores,
     )  # fmt: skip
     pred = predict(costs, cluster)
     print(table(costs, cluster, pred), flush=True)
@@ -536,13 +575,16 @@ def main(argv: list[str] | None = None) -> dict:
         for name, value in result["single_machine"].items():
             print(f"{name:<42}  {value:,.2f}", flush=True)
     result.update(cpus=os.cpu_count(), load_avg_1m=os.getloadavg()[0], quick=args.quick)
-    print(json.dumps(_rounded(result)), flush=True)
+    print(json.dumps(rounded(result)), flush=True)
     return result
 
 
-def _rounded(d):
+def rounded(d: Any) -> Any:
+    """``d`` with its floats rounded (4 decimals, 9 below 1e-3), for the JSON line."""
     if isinstance(d, dict):
-        return {k: _rounded(v) for k, v in d.items()}
+        return {k: rounded(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [rounded(v) for v in d]
     if isinstance(d, float):
         return round(d, 9) if abs(d) < 1e-3 else round(d, 4)
     return d

@@ -9,8 +9,14 @@ device, repeated: the ceiling. ``pipeline``: the same learner fed by the real in
 pipeline (:class:`learner.loop.TrainLoop`: sample requests in flight, a prefetch thread,
 pinned non-blocking copies on CUDA, priorities sent back) from replay shards filled
 with synthetic chunks: Ray shard processes by default, in-process shards with
-``--local`` (for machines without Ray). Same process, same threads, one run, in
-alternating rounds; the last line is one JSON object.
+``--local`` (for machines without Ray). ``float32`` and ``bf16``: the synthetic step of
+two learners with the same weights, one in float32 and one with its torso in bf16
+(``--amp on``: head, targets and loss in float32), so ``bf16_vs_fp32_updates_ratio`` is
+what ``--amp`` buys on this machine; ``bf16_native`` says whether it has bf16 units (a
+CUDA GPU with them, or a CPU with ``cpu_bf16_flags``): elsewhere bf16 is emulated and
+the ratio is below 1. ``synthetic`` and ``pipeline`` use the learner ``--amp`` (auto
+by default) picks. Same process, same threads, one run, in alternating rounds; the last
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 
 from apex_dqn.benchmarks import synthetic
 from apex_dqn.common.config import Config
-from apex_dqn.learner.learning import Learner, TorchBatch
+from apex_dqn.learner.learning import Learner, choose_amp, native_bf16_flags
 from apex_dqn.learner.loop import TrainLoop
 
 
@@ -33,22 +39,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _synthetic_batch(batch: int, device: torch.device, rng: np.random.Generator) -> TorchBatch:
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device)
-
-    obs = rng.integers(0, 256, (batch, 4, 84, 84), dtype=np.uint8)
-    return TorchBatch(
-        obs=t(obs),
-        actions=t(rng.integers(0, 6, batch)),
-        returns=t(rng.standard_normal(batch).astype(np.float32)),
-        discounts=t(np.full(batch, 0.99**3, dtype=np.float32)),
-        next_obs=t(np.roll(obs, 1, axis=0)),
-        weights=t(rng.random(batch).astype(np.float32)),
-    )
-
-
-def _run(step, seconds: float, device: torch.device) -> tuple[int, float]:
+def run_for(step, seconds: float, device: torch.device) -> tuple[int, float]:
     """(updates, seconds) of ``step`` called for about ``seconds``."""
     _sync(device)
     done, t0 = 0, time.perf_counter()
@@ -68,7 +59,7 @@ def _interleaved(steps: dict, seconds: float, rounds: int, device) -> dict[str, 
     totals = {name: [0, 0.0] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            done, took = _run(step, seconds / rounds, device)
+            done, took = run_for(step, seconds / rounds, device)
             totals[name][0] += done
             totals[name][1] += took
     return {name: done / took for name, (done, took) in totals.items()}
@@ -102,6 +93,16 @@ def _shards(args, cfg: Config):
     return RaySampler(shards, cfg.batch_size, cfg.prefetch_batches, seed=0), ray
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith("model name")]
+    except OSError:
+        return ""
+    return lines[0].split(":", 1)[1].strip() if lines else ""
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch threads (0: 1 on CPU, as a learner given one CPU by Ray; default on GPU)",
     )  # fmt: skip
     parser.add_argument("--local", action="store_true", help="in-process shards, no Ray")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument(
+        "--amp", default="auto", choices=("auto", "on", "off"),
+        help="bf16 torso for the synthetic and pipeline runs (auto: where bf16 is native)",
+    )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     args = parser.parse_args(argv)
 
@@ -127,21 +131,24 @@ def main(argv: list[str] | None = None) -> dict:
     batch = args.batch_size or (512 if device == "cuda" else 64)
     if args.threads or device == "cpu":
         torch.set_num_threads(args.threads or 1)
+    choice = choose_amp(args.amp, device)
     cfg = Config(
         network=args.network, dueling=not args.no_dueling, batch_size=batch, device=device,
-        amp=args.amp, compile=args.compile,
+        amp="on" if choice.enabled else "off", compile=args.compile,
     )  # fmt: skip
     dev = torch.device(device)
-    learner = Learner(cfg, num_actions=6, device=dev)
-    fixed = _synthetic_batch(batch, dev, np.random.default_rng(0))
+    learners = {"float32": Learner(cfg.replace(amp="off"), num_actions=6, device=dev)}
+    learners["bf16"] = Learner(cfg.replace(amp="on"), num_actions=6, device=dev)
+    learners["bf16"].load_state_dict(learners["float32"].state_dict())  # the same weights
+    chosen = "bf16" if choice.enabled else "float32"
+    learner = learners[chosen]
+    fixed = synthetic.torch_batch(batch, dev, np.random.default_rng(0))
     sampler, ray = _shards(args, cfg)
     loop = TrainLoop(learner, sampler)
     try:
-        rates = _interleaved(
-            {"synthetic": lambda: learner.update(fixed), "pipeline": loop.step},
-            args.seconds, args.rounds, dev,
-        )  # fmt: skip
-        synthetic_ups, pipeline_ups = rates["synthetic"], rates["pipeline"]
+        steps = {name: (lambda one=one: one.update(fixed)) for name, one in learners.items()}
+        rates = _interleaved({**steps, "pipeline": loop.step}, args.seconds, args.rounds, dev)
+        synthetic_ups, pipeline_ups = rates[chosen], rates["pipeline"]
         waiting = loop.waiting_s
     finally:
         loop.close()
@@ -151,10 +158,18 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(dev) if device == "cuda" else "cpu",
         "network": args.network + ("" if args.no_dueling else "+dueling"),
         "batch_size": batch,
+        "cpu": _cpu_model(),
         "amp": args.amp,
+        "amp_on": choice.enabled,
+        "amp_reason": choice.reason,
         "compile": args.compile,
         "torch_threads": torch.get_num_threads(),
         "synthetic_updates_per_s": round(synthetic_ups, 2),
+        "fp32_updates_per_s": round(rates["float32"], 2),
+        "bf16_updates_per_s": round(rates["bf16"], 2),
+        "bf16_vs_fp32_updates_ratio": round(rates["bf16"] / rates["float32"], 3),
+        "bf16_native": choose_amp("auto", device).enabled,
+        "cpu_bf16_flags": native_bf16_flags(),
         "pipeline_updates_per_s": round(pipeline_ups, 2),
         "ratio": round(pipeline_ups / synthetic_ups, 3),
         "pipeline_samples_per_s": round(pipeline_ups * batch, 1),

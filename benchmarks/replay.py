@@ -62,6 +62,12 @@ are not copied further). On a machine of few cores the shards, the driver and Ra
 processes share them, which limits how far this grows with S: it reports what it
 measures, with the CPU count.
 
+Then what the replay ratio's limiter costs (:func:`measure_limiter`): transitions per
+second pushed into the first shard by an actor's ``BoundedPusher`` and sampled from it by
+a ``RaySampler``, limiter off (``limiter_*_off_per_s``: ``--samples-per-insert 0``, the
+free-running path) against on with a band too wide to ever bind
+(``limiter_*_on_per_s``: its bookkeeping alone), and the ratios ``*_on_over_off``.
+
 The last line printed is one JSON object with every figure.
 """
 
@@ -469,9 +475,63 @@ def measure_ray(chunks, capacity: int, shard_counts: list[int], prefetch: int, s
             results[count] = rate
             log(f"  ray: {count} shard(s): {rate:,.0f} samples/s ({rate / BATCH:.1f} batches/s)")
             del sampler  # its requests still in flight finish during the next warm-up
+        results["limiter"] = measure_limiter(shards[0], needed, seconds)
         return results
     finally:
         ray.shutdown()
+
+
+def measure_limiter(shard, chunks: list[TransitionChunk], seconds: float) -> dict[str, float]:
+    """What the replay ratio (``--samples-per-insert``) costs: transitions per second
+    pushed into a full Ray shard by an actor's ``BoundedPusher`` and sampled from it by
+    the learner's ``RaySampler``, with the limiter off (``--samples-per-insert 0``,
+    today's path: ``add`` and unpaced requests) and on with a band so wide it never
+    binds (``ray.put`` once and ``offer``; the sampler's counts and a ``pace`` call per
+    shard every 20 ms): the bookkeeping alone. Off and on alternate in rounds of a
+    quarter of ``seconds``, so load changes hit both alike."""
+    from apex_dqn.actors.worker import BoundedPusher
+    from apex_dqn.learner.pipeline import RaySampler
+    from apex_dqn.replay.rate_limiter import SampleToInsertRatio
+
+    never = SampleToInsertRatio(1.0, 1e15, push=max(len(c) for c in chunks), batch=BATCH)
+    rng = np.random.default_rng(0)
+
+    def pushes(paced: bool, duration: float) -> float:
+        pusher, done, end = BoundedPusher(shard, 4, paced=paced), 0, time.perf_counter() + duration
+        t0 = time.perf_counter()
+        while time.perf_counter() < end:
+            chunk = chunks[int(rng.integers(len(chunks)))]
+            pusher(chunk)
+            pusher.wait_for_room()
+            done += len(chunk)
+        pusher.flush()
+        return done / (time.perf_counter() - t0)
+
+    def samples(ratio, duration: float) -> float:
+        sampler = RaySampler([shard], BATCH, prefetch=4, seed=1, ratio=ratio)
+        got, end = 0, time.perf_counter() + duration
+        t0 = time.perf_counter()
+        while time.perf_counter() < end:
+            drawn = sampler.draw(BETA, timeout=5.0)
+            if drawn is not None:
+                sampler.update_priorities(drawn.shard, drawn.batch.keys, rng.random(BATCH))
+                got += len(drawn.batch)
+        return got / (time.perf_counter() - t0)
+
+    rounds = {"insert_off": [], "insert_on": [], "sample_off": [], "sample_on": []}
+    pushes(False, 0.5)  # warm up
+    samples(None, 0.5)
+    for _ in range(4):
+        rounds["insert_off"].append(pushes(False, seconds / 8))
+        rounds["insert_on"].append(pushes(True, seconds / 8))
+        rounds["sample_off"].append(samples(None, seconds / 8))
+        rounds["sample_on"].append(samples(never, seconds / 8))
+    out = {f"limiter_{k}_per_s": float(np.median(v)) for k, v in rounds.items()}
+    for side in ("insert", "sample"):
+        on, off = out[f"limiter_{side}_on_per_s"], out[f"limiter_{side}_off_per_s"]
+        out[f"limiter_{side}_on_over_off"] = on / off
+    log(f"  ray: limiter off / on unbound: {json.dumps(_rounded(out))}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -569,6 +629,7 @@ def main(argv: list[str] | None = None) -> dict:
             enough(args.ray_capacity), args.ray_capacity, args.ray_shards, args.prefetch,
             args.ray_seconds,
         )  # fmt: skip
+        result.update(rates.pop("limiter"))
         for count, rate in rates.items():
             result[f"shards_{count}_samples_per_s"] = rate
         if 1 in rates and 2 in rates:

@@ -1,19 +1,29 @@
-"""Synthetic chunks, built by the real n-step accumulator from random frames.
+"""Synthetic data for the benchmarks: chunks as actors push them, batches as the learner
+trains on them.
 
-Frames are drawn from a small pool of random 84x84 images (their content does not
-matter for speed or memory), episodes end at random with mean length
-``episode_steps``, and priorities are random: what a shard receives from actors.
+Chunks are built by the real n-step accumulator from random frames: frames are drawn
+from a small pool of random 84x84 images (their content does not matter for speed or
+memory), episodes end at random with mean length ``episode_steps``, and priorities are
+random: what a shard receives from actors. :func:`torch_batch` is one training batch of
+random stacks, already on the learner's device: what ``Learner.update`` costs without
+any input pipeline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from apex_dqn.actors.nstep import NStepAccumulator
 from apex_dqn.common.envs import FRAME_SHAPE, STACK
 from apex_dqn.common.messages import TransitionChunk
+
+if TYPE_CHECKING:
+    import torch
+
+    from apex_dqn.learner.learning import TorchBatch
 
 
 def chunks(
@@ -52,3 +62,24 @@ def fill(add, transitions: int, streams: int = 4, stream_base: int = 0, **kwargs
             add(chunk)
             made += len(chunk)
     return made
+
+
+def torch_batch(batch: int, device: torch.device, rng: np.random.Generator) -> TorchBatch:
+    """A training batch of ``batch`` random stacks on ``device``: each next stack is
+    another row's stack, actions of 6, random returns and importance weights."""
+    import torch
+
+    from apex_dqn.learner.learning import TorchBatch
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
+    obs = rng.integers(0, 256, (batch, STACK, *FRAME_SHAPE), dtype=np.uint8)
+    return TorchBatch(
+        obs=t(obs),
+        actions=t(rng.integers(0, 6, batch)),
+        returns=t(rng.standard_normal(batch).astype(np.float32)),
+        discounts=t(np.full(batch, 0.99**3, dtype=np.float32)),
+        next_obs=t(np.roll(obs, 1, axis=0)),
+        weights=t(rng.random(batch).astype(np.float32)),
+    )

@@ -61,6 +61,19 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The update count in a checkpoint's file name ``checkpoint-<updates>.pt``; None for
+    any other name."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def parse_run_id(text: str | None) -> str | None:
+    """The run id in the text of a run id or owner file; None if it holds none."""
+    text = (text or "").strip()
+    return text if _RUN_ID.match(text) else None
+
+
 def _read_id(path: Path) -> str | None:
     """The run id stored in the one-line file ``path``; None if absent or malformed."""
     try:

@@ -43,6 +43,11 @@ OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
 RMSPROP_ALPHA = 0.95
 # Settings that earlier versions saved under another name, as read back by Config.from_dict.
 RENAMED = {"adam_eps": "optimizer_eps"}
+AMP_MODES = ("auto", "on", "off")
+# Settings that earlier versions saved with another type: how Config.from_dict reads them.
+RETYPED: dict[str, Any] = {
+    "amp": lambda v: ("on" if v else "off") if isinstance(v, bool) else v,  # was a bool
+}
 EPSILON_SPREADS = ("env", "actor")
 PRECISIONS = ("auto", "float32", "bfloat16")
 WORKER_CHARTS = ("auto", "on", "off")
@@ -60,14 +65,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2-4 CPU cores, no GPU: the best score per wall-clock minute there. One actor with
     # 16 envs keeps one core busy; the small 2013 network (with a dueling head) lets the
     # learner on the other core train ~1 sample per transition collected at batch 32; a
-    # higher learning rate and a shorter target period suit runs of an hour or less.
+    # higher learning rate and a shorter target period suit runs of an hour or less. The
+    # replay ratio is held at what that run gives free-running on a 2-core machine, where
+    # it learned ~520 in 30 minutes (0.59: 51,702 batches of 32 for 2.8M transitions; 5-minute
+    # runs without evaluations gave 0.64-0.71 with other work on the machine), so a machine
+    # with a faster or slower emulator or learner learns per frame as that one did.
     "laptop": {
         "num_actors": 1, "envs_per_actor": 16, "replay_shards": 1,
         "network": "dqn2013", "dueling": True, "batch_size": 32, "lr": 2.5e-4,
         "replay_capacity": 200_000, "replay_min_size": 10_000,
-        "target_update_period": 1_000, "eval_interval_s": 300.0,
+        "target_update_period": 1_000, "eval_interval_s": 300.0, "samples_per_insert": 0.6,
     },
 }  # fmt: skip
+# What --preset auto (the default) stands for: "laptop" where a CPU learner limits learning
+# and the machine is small, "none" (no preset: the defaults, sized for the machine by
+# resolve_auto) elsewhere; see choose_preset. Without a GPU the learner trains on one
+# core (Ray gives it one CPU, so torch runs one thread) whatever the machine. In a run on
+# 2 cores the Nature network trains there 5-6 batches of 64 a second (~350 samples/s)
+# and the laptop's 2013 network ~30 of 32 (~1,000/s), while one actor with 16 envs
+# collects ~1,600 transitions a second, more than either consumes: more actors cannot
+# make up for the slower learner. Up to 8 CPUs, the laptop preset's one actor leaves the
+# rest to the learner, the evaluator and the shards; on larger machines, not measured,
+# the defaults keep one actor per core.
+AUTO_LAPTOP_MAX_CPUS = 8
+# --preset values: auto, none (no preset; "" in configs saved by earlier versions), a name.
+PRESET_CHOICES = ("auto", "none", *PRESETS)
 
 
 class ConfigError(ValueError):
@@ -121,6 +143,16 @@ class Config:
     replay_shards: int = _f(0, "replay shard processes (0 = auto)")
     replay_capacity: int = _f(0, "transitions held over all shards (0 = auto, from memory)")
     replay_min_size: int = _f(20_000, "transitions in replay before learning starts")
+    samples_per_insert: float = _f(
+        0.0,
+        "replay ratio: transitions sampled per transition inserted, held by making actors' "
+        "pushes or the learner's samples wait (0: free-running, whatever the speeds give)",
+    )
+    samples_per_insert_tolerance: float = _f(
+        0.0,
+        "how many sampled transitions the learner may run ahead of or behind that ratio "
+        "(0 = auto: every push and sample request in flight fits)",
+    )
     priority_alpha: float = _f(0.6, "prioritization exponent alpha")
     priority_beta: float = _f(0.4, "initial importance-sampling exponent beta")
     beta_anneal_updates: int = _f(500_000, "learner updates over which beta rises to 1")
@@ -152,15 +184,31 @@ class Config:
     publish_period: int = _f(25, "learner updates between weight broadcasts to actors")
     prefetch_batches: int = _f(4, "sample requests the learner keeps in flight")
     device: str = _f("auto", "learner device", choices=DEVICES)
-    amp: bool = _f(False, "bf16 autocast for the learner's forward pass (fast on GPUs)")
+    amp: str = _f(
+        "auto",
+        "bf16 autocast of the learner's torso (convolutions, hidden layer), its Q head, targets "
+        "and loss in float32; auto: on with CUDA or a CPU with native bf16 (avx512_bf16, "
+        "amx_bf16), off elsewhere; --amp alone: on",
+        choices=AMP_MODES, bare="on",
+    )  # fmt: skip
     compile: bool = _f(False, "torch.compile the learner's network")
     # --- evaluation --------------------------------------------------------------------
     eval_interval_s: float = _f(600.0, "seconds between evaluations of the newest weights (0: off)")
     eval_episodes: int = _f(10, "episodes per evaluation (standard protocol, unclipped score)")
     eval_epsilon: float = _f(0.05, "epsilon of the evaluation policy")
     eval_video: bool = _f(True, "record a video every third evaluation (TensorBoard Images tab)")
+    final_eval_episodes: int = _f(
+        10, "episodes of the final evaluation of the final weights, at every run's end (0: off)"
+    )
+    final_eval_s: float = _f(
+        60.0, "seconds the final evaluation may play at most; a second Ctrl-C skips it"
+    )
     # --- run ---------------------------------------------------------------------------
-    preset: str = _f("", f"named settings ({', '.join(PRESETS)}); flags given still win")
+    preset: str = _f(
+        "auto",
+        f"named settings ({', '.join(PRESETS)}), none, or auto: laptop without a GPU on up to "
+        f"{AUTO_LAPTOP_MAX_CPUS} CPUs, none elsewhere; flags given still win",
+    )
     total_frames: int = _f(20_000_000, "stop after this many environment frames")
     seed: int = _f(0, "random seed")
     logdir: str = _f(
@@ -169,12 +217,14 @@ class Config:
         "on --resume: the run's directory)",
     )
     address: str = _f(
-        "", "Ray cluster to join (empty: RAY_ADDRESS, a running ray start, else local)"
+        "",
+        "Ray cluster to join (empty: RAY_ADDRESS, a running ray start, else local; auto: "
+        "RAY_ADDRESS or that ray start's cluster, never a local Ray)",
     )
     resume: str = _f(
         "",
-        "continue a run (its directory, or one checkpoint file) with the settings it saved; "
-        "flags given change them",
+        "continue a run (its directory, one checkpoint file, or its copy in storage: "
+        "s3://bucket/prefix/NAME, gs://...) with the settings it saved; flags given change them",
     )
     log_interval_s: float = _f(10.0, "seconds between console lines and TensorBoard points")
     worker_charts: str = _f(
@@ -185,6 +235,12 @@ class Config:
     )
     checkpoint_interval_s: float = _f(300.0, "seconds between checkpoints")
     keep_checkpoints: int = _f(3, "checkpoints kept on disk")
+    storage: str = _f(
+        "",
+        "durable copy of the run's checkpoints and TensorBoard files, kept as they are "
+        "written: a local path, s3://bucket/prefix or gs://bucket/prefix (<storage>/<run "
+        "directory's name>/)",
+    )
     save_replay: bool = _f(
         False,
         "each checkpoint also saves every shard's replay (~115 MB per million Space Invaders "
@@ -202,11 +258,14 @@ class Config:
         """A config saved by :meth:`to_dict`, by this version or an earlier one.
 
         Settings saved under an earlier name (:data:`RENAMED`, e.g. ``adam_eps``) are read
-        under their present one; settings this version no longer knows are dropped.
+        under their present one, and those saved with an earlier type (:data:`RETYPED`,
+        e.g. ``amp`` as a bool) as their present type; settings this version no longer
+        knows are dropped.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         values = {RENAMED[k]: v for k, v in saved.items() if k in RENAMED}
         values.update(saved)  # a setting saved under its present name wins
+        values.update({k: RETYPED[k](v) for k, v in values.items() if k in RETYPED})
         return cls(**{k: v for k, v in values.items() if k in names})
 
     @property
@@ -308,15 +367,16 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
             )
     _positive(
         cfg, "noop_max", "replay_min_size", "priority_alpha", "seed", "eval_interval_s",
-        allow_zero=True,
+        "final_eval_episodes", allow_zero=True,
     )  # fmt: skip
-    _positive(cfg, "eval_episodes")
+    _positive(cfg, "eval_episodes", "final_eval_s")
     for name, allowed in (
         ("network", NETWORKS),
         ("device", DEVICES),
         ("optimizer", OPTIMIZERS),
         ("epsilon_spread", EPSILON_SPREADS),
         ("actor_precision", PRECISIONS),
+        ("amp", AMP_MODES),
         ("worker_charts", WORKER_CHARTS),
         ("replay_placement", REPLAY_PLACEMENTS),
         ("replay_wire", REPLAY_WIRES),
@@ -360,9 +420,48 @@ def validate(cfg: Config, *, gpus: int | None = None) -> None:
         )
     if cfg.replay_capacity and cfg.batch_size > cfg.replay_capacity:
         raise ConfigError(f"--batch-size={cfg.batch_size} is invalid: must be <= --replay-capacity")
+    _validate_ratio(cfg)
+    _validate_storage(cfg)
     _validate_game(cfg.game)
     if cfg.device == "cuda" and gpus is not None and gpus == 0:
         raise ConfigError("--device=cuda is invalid: no GPU is visible; use --device auto or cpu")
+
+
+def _validate_storage(cfg: Config) -> None:
+    """The storage URIs' form (a known scheme, a bucket name); reaching them is checked
+    before the run starts (``apex_dqn.common.storage.open_storage``)."""
+    from apex_dqn.common.storage import check_uri, is_uri
+
+    if cfg.storage:
+        check_uri(cfg.storage, "--storage")
+    if cfg.resume and is_uri(cfg.resume):
+        check_uri(cfg.resume, "--resume")
+
+
+def _validate_ratio(cfg: Config) -> None:
+    """The replay ratio and its band: finite, >= 0, and a band wide enough that actors and
+    learner can never both wait (``replay/rate_limiter.py``)."""
+    import math
+
+    from apex_dqn.replay.rate_limiter import config_push, least_error_buffer
+
+    for name in ("samples_per_insert", "samples_per_insert_tolerance"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(
+                f"--{_flag(name)}={value} is invalid: must be a number >= 0 (0: "
+                + ("free-running)" if name == "samples_per_insert" else "auto)")
+            )
+    tolerance, spi = cfg.samples_per_insert_tolerance, cfg.samples_per_insert
+    if spi and tolerance and cfg.batch_size:
+        least = least_error_buffer(spi, config_push(cfg), cfg.batch_size)
+        if tolerance < least:
+            raise ConfigError(
+                f"--samples-per-insert-tolerance={tolerance:g} is too small: with "
+                f"--samples-per-insert={spi:g}, pushes of up to {config_push(cfg)} "
+                f"transitions and batches of {cfg.batch_size} it must be >= {least:g} "
+                "(0: auto), or actors and learner could both wait for ever"
+            )
 
 
 def _validate_game(game: str) -> None:
@@ -399,6 +498,8 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
             kwargs["metavar"] = f.name.upper()
+        if "bare" in f.metadata:  # the flag given without a value means this one
+            kwargs.update(nargs="?", const=f.metadata["bare"])
         parser.add_argument(flag, **kwargs)
     return parser
 
@@ -407,17 +508,76 @@ def from_args(argv: list[str] | None = None) -> Config:
     """Parse the command line into a :class:`Config` (autos not yet resolved).
 
     With ``--preset NAME`` the preset's settings replace the defaults of the flags not
-    given on the command line.
+    given on the command line; ``--preset auto`` is left for :func:`resolve_preset`,
+    once the machine is known.
     """
     args = vars(build_parser().parse_args(argv))
-    if args["preset"]:
-        if args["preset"] not in PRESETS:
-            raise ConfigError(
-                f"--preset={args['preset']!r} is unknown: choose one of {', '.join(PRESETS)}"
-            )
-        given = vars(build_parser(only_given=True).parse_args(argv))
-        args.update({k: v for k, v in PRESETS[args["preset"]].items() if k not in given})
-    return Config(**args)
+    _check_preset(args["preset"])
+    cfg = Config(**args)
+    return apply_preset(cfg, cfg.preset, argv) if cfg.preset in PRESETS else cfg
+
+
+def _check_preset(name: str) -> None:
+    if name and name not in PRESET_CHOICES:
+        choices = ", ".join(PRESET_CHOICES)
+        raise ConfigError(f"--preset={name!r} is unknown: choose one of {choices}")
+
+
+def apply_preset(cfg: Config, name: str, argv: list[str] | None) -> Config:
+    """``cfg`` with preset ``name``'s settings (none for ``none``) in place of those of the
+    flags not given in ``argv``, and ``preset=name``: the run records what it used."""
+    given = vars(build_parser(only_given=True).parse_args(argv))
+    chosen = {k: v for k, v in PRESETS.get(name, {}).items() if k not in given}
+    return cfg.replace(**chosen, preset=name)
+
+
+def choose_preset(cfg: Config, *, cpus: int, gpus: int, joined: bool) -> tuple[str, str]:
+    """(preset, why) that ``--preset auto`` stands for: ``laptop`` when the learner will
+    train on the CPU (no GPU, or ``--device cpu``) of a machine of at most
+    :data:`AUTO_LAPTOP_MAX_CPUS` CPUs, where that preset learns fastest per minute;
+    ``none`` on a GPU machine, a larger one, or a cluster joined (``joined``)."""
+    if joined:
+        return "none", "a Ray cluster joined, settings sized from its resources"
+    on_cpu = gpus == 0 or cfg.device == "cpu"
+    where = f"{gpus} GPU{'s' if gpus > 1 else ''}" if gpus else "no GPU"
+    if gpus and cfg.device == "cpu":
+        where += " but --device cpu"
+    machine = f"{where}, {cpus} CPU{'s' if cpus > 1 else ''}"
+    if not on_cpu:
+        return "none", f"{machine}: the defaults, learner on the GPU"
+    if cpus > AUTO_LAPTOP_MAX_CPUS:
+        return "none", f"{machine} (more than {AUTO_LAPTOP_MAX_CPUS}): the defaults"
+    return "laptop", machine
+
+
+def validate_flags(cfg: Config, argv: list[str] | None) -> None:
+    """:func:`validate` a new run's command line before the machine is looked at (torch
+    and Ray take seconds to import). Under ``--preset auto`` the preset is not chosen yet:
+    a setting is refused here when it is invalid under each preset auto may pick, else
+    only once the preset is chosen (:func:`resolve_preset`, then :func:`validate`)."""
+    if cfg.preset != "auto":
+        validate(cfg)
+        return
+    errors = []
+    for name in ("none", "laptop"):  # what choose_preset may pick
+        try:
+            validate(apply_preset(cfg, name, argv))
+            return
+        except ConfigError as exc:
+            errors.append(exc)
+    raise errors[0]
+
+
+def resolve_preset(
+    cfg: Config, argv: list[str] | None, *, cpus: int, gpus: int, joined: bool
+) -> tuple[Config, str]:
+    """``cfg`` with ``--preset auto`` replaced by the preset :func:`choose_preset` picks
+    (applied as :func:`apply_preset`), and the line saying so, ``preset auto -> laptop:
+    no GPU, 2 CPUs``; ``cfg`` unchanged and ``""`` for any other preset."""
+    if cfg.preset != "auto":
+        return cfg, ""
+    name, why = choose_preset(cfg, cpus=cpus, gpus=gpus, joined=joined)
+    return apply_preset(cfg, name, argv), f"preset auto -> {name}: {why}"
 
 
 # Settings that say where and how this process runs rather than what the run is: a
@@ -460,7 +620,8 @@ def resume_config(
 
     * :data:`PROCESS_SETTINGS`: from the command line, or their defaults;
     * settings given on the command line, and, with ``--preset NAME``, that preset's
-      settings not given: they replace the saved ones;
+      settings not given: they replace the saved ones (``--preset auto`` changes nothing:
+      a run keeps the preset it was resolved to when it started);
     * ``fixed`` settings (the checkpoint's structural ones): giving one a value other
       than the saved one raises :class:`ConfigError` naming both; the game is compared
       by ROM (:func:`normalize_game`).
@@ -472,9 +633,10 @@ def resume_config(
     ``source`` names the checkpoint in messages.
     """
     given = vars(build_parser(only_given=True).parse_args(argv))
+    if given.get("preset") == "auto":  # the run keeps the preset it was resolved to
+        del given["preset"]
     preset = given.get("preset", "")
-    if preset and preset not in PRESETS:
-        raise ConfigError(f"--preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}")
+    _check_preset(preset)
     base = Config.from_dict(saved)
     _check_saved_types(base, source)
     base = resolve_optimizer(base)

@@ -6,7 +6,9 @@
 
 Inputs stay uint8 until the network, which scales them to [0, 1] itself, so replay,
 actors and the input pipeline never hold float frames. Actors run these networks
-rebuilt for inference (:mod:`actors.inference`); the learner trains them in float32.
+rebuilt for inference (:mod:`actors.inference`). The learner trains them in float32, or
+with the torso (convolutions and hidden layer) in bfloat16 (:attr:`QNetwork.torso_dtype`):
+the output layer, and so the Q-values, stay float32 either way.
 """
 
 from __future__ import annotations
@@ -50,12 +52,29 @@ def _torso(name: str) -> tuple[nn.Module, int, int]:
 
 
 class QNetwork(nn.Module):
-    """Maps uint8 observations (B, 4, 84, 84) to Q-values (B, num_actions)."""
+    """Maps uint8 observations (B, 4, 84, 84) to float32 Q-values (B, num_actions).
 
-    def __init__(self, num_actions: int, network: str = "nature", dueling: bool = True):
+    ``torso_dtype``: None computes everything in float32 (the weights' dtype). With
+    ``torch.bfloat16`` the torso (convolutions and the hidden layer, or both streams'
+    hidden layers) runs under autocast, and its output is cast back to float32 for the
+    output layer, which runs with autocast off. The reason is the Q-values' scale: bf16
+    keeps 8 significant bits, so Q-values of 8-32 would be rounded to multiples of
+    0.0625-0.125, errors as large as a typical TD error. Computed in float32 from bf16
+    hidden activations h, a Q-value's error is a few 2^-8 of |W| |h| (the output layer's
+    weights times the activations), whatever the bias and the Q-values' mean.
+    """
+
+    def __init__(
+        self,
+        num_actions: int,
+        network: str = "nature",
+        dueling: bool = True,
+        torso_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.torso, flat, hidden = _torso(network)
         self.network, self.dueling = network, dueling
+        self.torso_dtype = torso_dtype
         if dueling:
             self.value = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, 1))
             self.advantage = nn.Sequential(
@@ -66,16 +85,34 @@ class QNetwork(nn.Module):
                 nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_actions)
             )
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def hidden(self, obs: torch.Tensor) -> list[torch.Tensor]:
+        """The torso's output: the hidden layer after its ReLU (the value stream's and the
+        advantage stream's, in that order, for a dueling network)."""
         x = self.torso(obs.to(torch.float32) * (1.0 / 255.0))
+        streams = (self.value, self.advantage) if self.dueling else (self.head,)
+        return [stream[1](stream[0](x)) for stream in streams]
+
+    def q_values(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """The output layer on :meth:`hidden`'s result: Q = V + A - mean(A) when dueling."""
         if not self.dueling:
-            return self.head(x)
-        advantage = self.advantage(x)
-        return self.value(x) + advantage - advantage.mean(dim=1, keepdim=True)
+            return self.head[2](hidden[0])
+        advantage = self.advantage[2](hidden[1])
+        return self.value[2](hidden[0]) + advantage - advantage.mean(dim=1, keepdim=True)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.torso_dtype is None:
+            return self.q_values(self.hidden(obs))
+        device = obs.device.type
+        with torch.autocast(device, dtype=self.torso_dtype):
+            hidden = self.hidden(obs)
+        with torch.autocast(device, enabled=False):
+            return self.q_values([h.float() for h in hidden])
 
 
-def build_network(num_actions: int, network: str, dueling: bool) -> QNetwork:
-    return QNetwork(num_actions, network, dueling)
+def build_network(
+    num_actions: int, network: str, dueling: bool, torso_dtype: torch.dtype | None = None
+) -> QNetwork:
+    return QNetwork(num_actions, network, dueling, torso_dtype)
 
 
 def state_dict_to_numpy(net: nn.Module) -> dict[str, object]:

@@ -5,11 +5,11 @@ every package apex-dqn installs and of everything those packages depend on.
     python deploy/freeze_constraints.py --stdout   # prints it instead
 
 The roots are setup.cfg's install_requires, every extra in setup.cfg (the test extra holds
-them all) and EXTRA_ROOTS; their dependencies are followed through the installed packages'
-own metadata, with environment markers evaluated for this Python and platform, so the
-result is what `pip freeze` lists for this closure, without the project, pip's own tools or
-whatever else the environment holds. Every package must be installed: the script reads
-versions, it installs nothing.
+all but gcs, the Google Cloud Storage filesystem) and EXTRA_ROOTS; their dependencies are
+followed through the installed packages' own metadata, with environment markers evaluated
+for this Python and platform, so the result is what `pip freeze` lists for this closure,
+without the project, pip's own tools or whatever else the environment holds. Every
+package must be installed: the script reads versions, it installs nothing.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ EXTRA_ROOTS = ("boto3",)
 
 HEADER = """\
 # Exact versions of every package apex-dqn installs and of everything those depend on:
-# setup.cfg's install_requires and extras (the test extra holds them all), boto3 for the
-# cluster launcher on AWS, and their dependencies, as installed on CPython {python}
+# setup.cfg's install_requires and extras (the test extra holds all but gcs), boto3 for
+# the cluster launcher on AWS, and their dependencies, as installed on CPython {python}
 # ({system}, {machine}), the Python of the rayproject/ray:*-py{py_tag} images that
 # deploy/Dockerfile builds on. torch is pinned without its local build label, so that the
 # one pin admits the CUDA build (PyPI) and the CPU build (download.pytorch.org/whl/cpu).
@@ -48,10 +48,10 @@ HEADER = """\
 #
 # Made by `python deploy/freeze_constraints.py` from the packages installed in the Python
 # that ran it. To refresh: in a fresh CPython {python} environment on Linux, install the
-# project with the versions wanted (torch first, then `pip install -e '.[test]' boto3`,
-# without -c), run `python deploy/freeze_constraints.py`, then bring the Ray and torch
-# versions in deploy/ and .ci/run to the new pins (tests/test_deploy.py lists any that
-# differ) and rebuild and push the images (deploy/README.md).
+# project with the versions wanted (torch first, then `pip install -e '.[test,gcs]'
+# boto3`, without -c), run `python deploy/freeze_constraints.py`, then bring the Ray and
+# torch versions in deploy/ and .ci/run to the new pins (tests/test_deploy.py lists any
+# that differ) and rebuild and push the images (deploy/README.md).
 """
 
 

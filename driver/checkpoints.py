@@ -14,6 +14,7 @@ import ray
 from apex_dqn.common import checkpoint
 from apex_dqn.common.config import Config
 from apex_dqn.driver.metrics import Counters
+from apex_dqn.driver.mirror import StorageCopy
 from apex_dqn.driver.supervisor import Supervisor
 
 REPLAY_TIMEOUT_S = 900.0  # the longest the driver waits for the shards to save or load replay
@@ -22,9 +23,13 @@ REPLAY_TIMEOUT_S = 900.0  # the longest the driver waits for the shards to save 
 class RunCheckpoints:
     """Checkpoints of run ``run_id`` in ``cfg.logdir``: only its own files are pruned."""
 
-    def __init__(self, cfg: Config, run_id: str, supervisor: Supervisor, counters: Counters):
+    def __init__(self, cfg: Config, run_id: str, supervisor: Supervisor, counters: Counters,
+                 storage: StorageCopy | None = None):  # fmt: skip
+        """``storage``: the run's copy in storage (``--storage``), asked to copy the run
+        after each checkpoint."""
         self.cfg, self.run_id = cfg, run_id
         self.supervisor, self.counters = supervisor, counters
+        self.storage = storage
 
     def save(self) -> Path | None:
         """The learner's state and the driver's counters, written atomically as a
@@ -55,6 +60,8 @@ class RunCheckpoints:
         print(f"checkpoint {path}", flush=True)
         if self.cfg.save_replay:
             self.save_replay(path)
+        if self.storage is not None:
+            self.storage.request(ready=path)
         return path
 
     def save_replay(self, path: Path) -> None:
@@ -81,16 +88,22 @@ class RunCheckpoints:
                 print(f"replay shard {s} not saved: {type(cause).__name__}: {why}", flush=True)
                 continue
             items, size, saved = items + count, size + nbytes, saved + 1
+            if self.storage is not None and not checkpoint.replay_path(path, s).is_file():
+                print(f"replay shard {s} saved on another node: not copied to storage (its "
+                      "file is not on the driver's node)", flush=True)  # fmt: skip
             slowest = max(slowest, seconds)
         print(f"replay saved: {items:,} transitions of {saved}/{len(asked)} shard(s), "
               f"{size / 2**20:,.1f} MiB, in {slowest:.1f}s", flush=True)  # fmt: skip
 
-    def final(self) -> None:
-        """Save a last checkpoint; if that fails, say which one the run continues from."""
-        if self.save() is None:  # e.g. a signal reached Ray's processes too
+    def final(self) -> Path | None:
+        """Save a last checkpoint and return its path; if that fails, say which one the run
+        continues from, and return None."""
+        path = self.save()
+        if path is None:  # e.g. a signal reached Ray's processes too
             kept = checkpoint.list_checkpoints(self.cfg.logdir, self.run_id)
             print(f"the run continues from {kept[-1] if kept else 'nothing: no checkpoint'}"
                   f" with --resume {self.cfg.logdir}", flush=True)  # fmt: skip
+        return path
 
 
 def replay_files(replay_from: str | None, shards: int) -> list[str | None]:

@@ -75,7 +75,7 @@ def custom_scalars_layout() -> dict[str, dict[str, list]]:
     return {
         "apex-dqn": {
             "score": ["Multiline", ["charts/episodic_return$", "eval/episodic_return_mean",
-                                    "epsilon/.*"]],
+                                    "eval/final_return_mean", "epsilon/.*"]],
             "throughput": ["Multiline", ["charts/SPS", "actors/sps_.*", "charts/updates_per_s"]],
             "learner": ["Multiline", ["losses/td_loss", "losses/q_values", "learner/.*"]],
             "replay": ["Multiline", ["replay/size", "replay/mean_priority",
@@ -106,6 +106,9 @@ class RunMetrics:
         self._asked: InFlight[tuple[str, int]] = InFlight()  # at most one per worker
         self._incarnations: dict[int, tuple[int, int]] = {}  # shard -> (incarnation, size)
         self._shards: dict[int, ShardStats] = {}  # the last stats of each shard
+        self.inserted = 0  # transitions the shards took, over all their incarnations
+        self._added: dict[int, tuple[int, int]] = {}  # shard -> (incarnation, added) seen
+        self._ratio_from: tuple[int, int] | None = None  # (updates, inserted) at the last log
         self._reported: dict[int, float] = {}  # actor -> when its last report came
         # Gathered over one log interval, written and reset by log():
         self._sps: dict[int, float] = {}  # actor -> agent steps per second
@@ -173,6 +176,9 @@ class RunMetrics:
             sup.shard_restarted(s)
         self._incarnations[s] = (stats.incarnation, stats.size)
         self._shards[s] = stats
+        incarnation, before = self._added.get(s, (None, 0))  # a restarted shard counts from 0
+        self.inserted += stats.added - (before if incarnation == stats.incarnation else 0)
+        self._added[s] = (stats.incarnation, stats.added)
         if self.worker_charts:
             step = self.counters.env_frames
             for key in SHARD_TAGS:  # actor i pushes to shard i % S
@@ -212,6 +218,9 @@ class RunMetrics:
         if ups is not None:
             scalars["charts/updates_per_s"] = ups
             scalars["charts/samples_per_s"] = ups * cfg.batch_size
+        ratio = self._samples_per_insert(learner)
+        if ratio is not None:
+            scalars["replay/samples_per_insert"] = ratio
         for tag, value in scalars.items():
             w.add_scalar(tag, value, step)
         w.flush()
@@ -225,9 +234,21 @@ class RunMetrics:
             f"  fps {fps:,.0f}  upd/s {ups if ups is not None else 0:.1f}"
             f"  actors {running}"
             f"  score {recent} (best {best}, {c.episodes} eps)"
-            f"  replay {replay_size:,}  loss {loss:.4f}  lag {lag:.0f}  ETA {hms(eta)}",
+            f"  replay {replay_size:,}  spi {'-' if ratio is None else f'{ratio:.2f}'}"
+            f"  loss {loss:.4f}  lag {lag:.0f}  ETA {hms(eta)}",
             flush=True,
         )
+
+    def _samples_per_insert(self, learner: LearnerStats | None) -> float | None:
+        """The replay ratio achieved over the last interval: transitions trained on
+        (updates times the batch) per transition the shards took; None for the first
+        interval, one with no insert, or across a learner restart."""
+        if learner is None:
+            return None
+        last, self._ratio_from = self._ratio_from, (learner.updates, self.inserted)
+        if last is None or learner.updates < last[0] or self.inserted <= last[1]:
+            return None
+        return (learner.updates - last[0]) * self.cfg.batch_size / (self.inserted - last[1])
 
     def _learner_scalars(self, learner: LearnerStats) -> dict[str, float]:
         """Beta, and the share of the last interval the learner waited for a batch."""

@@ -51,6 +51,7 @@ class EvalResult:
     truncated: np.ndarray  # ended by the frame cap, not by game over
     action_counts: np.ndarray  # actions taken, over all counted episodes
     wall_s: float
+    time_limited: bool = False  # the time limit cut the evaluation short
 
     @property
     def mean(self) -> float:
@@ -88,6 +89,7 @@ class EvalResult:
             "env_frames": int(np.sum(self.frames)),
             "action_counts": [int(c) for c in self.action_counts],
             "wall_s": float(self.wall_s),
+            "time_limited": bool(self.time_limited),
         }
 
 
@@ -168,11 +170,26 @@ class Evaluator:
         return actions
 
     def evaluate(
-        self, episodes: int, *, epsilon: float | None = None, seed: int | None = None
+        self,
+        episodes: int,
+        *,
+        epsilon: float | None = None,
+        seed: int | None = None,
+        time_limit_s: float | None = None,
     ) -> EvalResult:
-        """Play ``episodes`` whole episodes; each env plays its share of them."""
+        """Play ``episodes`` whole episodes; each env plays its share of them.
+
+        ``time_limit_s`` bounds the wall time: when it has passed, play stops. Each env
+        then keeps the episodes it finished; an env that finished none counts the one it
+        is playing, as truncated with its score so far, the way the protocol counts an
+        episode cut by the frame cap. So every env contributes, and no episode begun just
+        before the limit (a near-zero score) enters the mean; the mean is still biased
+        towards short episodes when the limit cuts in, which ``time_limited`` says.
+        """
         if episodes < 1:
             raise ValueError(f"episodes={episodes}: need at least one")
+        if time_limit_s is not None and not time_limit_s > 0:
+            raise ValueError(f"time_limit_s={time_limit_s}: must be positive")
         epsilon = self.epsilon if epsilon is None else epsilon
         _check_epsilon(epsilon, self.net, need_net=True)
         seed = self._next_seed() if seed is None else seed
@@ -192,6 +209,7 @@ class Evaluator:
             # which ignores its action and returns a new episode's first frame, reward 0.
             resetting = np.zeros(k, dtype=bool)
             results: list[tuple[float, int, int, bool]] = []
+            limited = False
             obs, _ = env.reset(seed=seed)
             while (done < quota).any():
                 actions = self._actions(obs, epsilon, rng, n)
@@ -204,6 +222,7 @@ class Evaluator:
                 length += live
                 ended = live & (terminated | truncated)
                 frames = np.asarray(info.get("episode_frame_number", length * self.cfg.frame_skip))
+                frames = frames.astype(np.int64)
                 for e in np.flatnonzero(ended & (done < quota)):
                     cut = bool(truncated[e] and not terminated[e])
                     results.append((float(score[e]), int(length[e]), int(frames[e]), cut))
@@ -211,6 +230,13 @@ class Evaluator:
                 score[ended] = 0.0
                 length[ended] = 0
                 resetting = ended
+                # Checked after a step: every env has then finished an episode or begun one.
+                late = time_limit_s is not None and time.perf_counter() - started > time_limit_s
+                if late and (done < quota).any():
+                    limited = True
+                    for e in np.flatnonzero((done == 0) & (length > 0)):
+                        results.append((float(score[e]), int(length[e]), int(frames[e]), True))
+                    break
         finally:
             env.close()
         scores, lengths, frame_counts, cut = (np.array(c) for c in zip(*results, strict=True))
@@ -223,6 +249,7 @@ class Evaluator:
             truncated=cut.astype(bool),
             action_counts=counts,
             wall_s=time.perf_counter() - started,
+            time_limited=limited,
         )
 
     def record(

@@ -5,7 +5,8 @@
 
 Draws the episodic return against environment frames and against wall-clock training
 time, side by side: every training episode as a faint dot with its moving average, and,
-when the run has them, the evaluation means with a band of one standard deviation.
+when the run has them, the evaluation means with a band of one standard deviation, and
+the final evaluation of each session's last weights as a star.
 A resumed run has one event file per session; the time axis adds up the sessions'
 durations and leaves out the time between them. Needs matplotlib
 (``pip install 'apex-dqn[plot]'``); draws off-screen (Agg), so it works headless. A run
@@ -31,6 +32,7 @@ PROG = "apex-dqn-plot"
 TRAIN_TAG = "charts/episodic_return"
 EVAL_TAG = "eval/episodic_return_mean"
 EVAL_STD_TAG = "eval/episodic_return_std"
+FINAL_TAG = "eval/final_return_mean"
 
 
 class PlotError(CommandError):
@@ -187,6 +189,10 @@ def plot_run(
             std = run.scalars.get(eval_std_tag)
             if std and len(std) == len(evals):
                 ax.fill_between(x, y - std.values, y + std.values, color="tab:red", alpha=0.15)
+        final = run.scalars.get(FINAL_TAG)  # the final evaluation of each run segment
+        if final:
+            ax.plot(x_of(final), final.values, "*", color="tab:red", markersize=11,
+                    linestyle="none", label="final evaluation")  # fmt: skip
         for name, style in (("random", ":"), ("human", "--")):
             score = reference_scores(game or "").get(name)
             if score is not None:

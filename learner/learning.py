@@ -9,6 +9,15 @@ For a sampled transition (s, a, R, d, s') with d = gamma^h, or 0 after a termina
 
 The new priority of each transition is |delta|. The target network is a copy of the
 online network, refreshed every ``target_update_period`` updates.
+
+Precision (``--amp``, :func:`choose_amp`): the weights, the optimizer and everything
+after the torso are float32. With amp on, both networks run their torso (convolutions
+and hidden layer, where nearly all the arithmetic is) in bfloat16 under autocast, and
+their output layer in float32 (:class:`common.networks.QNetwork`), so Q, y, delta, the
+loss and the priorities are float32 computed from bf16 hidden activations: their error
+is a few 2^-8 of the output layer's |W| |h|, not of |Q|. ``auto`` turns it on where
+bf16 is fast: CUDA GPUs with bf16 units, and CPUs with native bf16 dot products
+(:data:`NATIVE_BF16_FLAGS`); elsewhere bf16 would be emulated, slower than float32.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +33,74 @@ from torch import nn
 from torch.nn import functional as F
 
 from apex_dqn.common.checkpoint import CheckpointError, check_network_state
-from apex_dqn.common.config import RMSPROP_ALPHA, Config, resolve_optimizer
+from apex_dqn.common.config import AMP_MODES, RMSPROP_ALPHA, Config, resolve_optimizer
 from apex_dqn.common.networks import build_network
 from apex_dqn.common.schedules import linear
+
+# /proc/cpuinfo flags of native bf16 arithmetic (bf16 pairs multiplied, accumulated in
+# float32): AMX tiles (Intel Sapphire Rapids and later) and AVX512-BF16 (Intel Cooper
+# Lake, AMD Zen 4 and later). Without them oneDNN emulates bf16 with conversions.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The :data:`NATIVE_BF16_FLAGS` this CPU has, from ``cpuinfo`` (the text of
+    /proc/cpuinfo; read here when None). Empty where /proc/cpuinfo does not exist (not
+    Linux) or torch has no oneDNN, whose kernels are the ones that use them."""
+    if cpuinfo is None:
+        if not torch.backends.mkldnn.is_available():
+            return []
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
+
+
+@dataclass(frozen=True)
+class AmpChoice:
+    """Whether the learner's torso runs in bf16, and why (printed when a run starts)."""
+
+    enabled: bool
+    reason: str
+
+    def __str__(self) -> str:
+        what = "bf16 torso, float32 head and targets" if self.enabled else "float32"
+        return f"{what} ({self.reason})"
+
+
+def choose_amp(setting: str, device_type: str, cpu_flags: list[str] | None = None) -> AmpChoice:
+    """What ``--amp`` (``auto``, ``on`` or ``off``) means on a learner of ``device_type``.
+
+    ``auto``: on for a CUDA GPU with bf16 units (Ampere and later; assumed where this
+    process sees no GPU, as a driver on a cluster's head node may not), and for a CPU
+    with native bf16 (``cpu_flags``, :func:`native_bf16_flags` when None); off elsewhere,
+    where bf16 is emulated and slower than float32. ``on`` and ``off`` are obeyed; the
+    reason says when ``on`` is likely slower than float32.
+    """
+    if setting not in AMP_MODES:
+        raise ValueError(f"unknown --amp {setting!r}: choose one of {', '.join(AMP_MODES)}")
+    if setting == "off":
+        return AmpChoice(False, "--amp off")
+    if device_type == "cuda":
+        fast = not torch.cuda.is_available() or torch.cuda.is_bf16_supported(False)
+        where = "CUDA" if fast else "this GPU has no bf16 units"
+    else:
+        flags = native_bf16_flags() if cpu_flags is None else cpu_flags
+        fast = bool(flags)
+        where = (
+            f"this CPU has native bf16: {', '.join(flags)}"
+            if fast
+            else f"this CPU has neither {' nor '.join(NATIVE_BF16_FLAGS)}"
+        )
+    if setting == "on":
+        return AmpChoice(True, f"--amp on: {where}" + ("" if fast else ", so slower than float32"))
+    return AmpChoice(fast, f"--amp auto: {where}")
 
 
 @dataclass
@@ -89,19 +164,25 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: Config) -> torch.optim.
 
 
 class Learner:
-    """Owns the online and target networks and the optimizer; one ``update`` per batch."""
+    """Owns the online and target networks and the optimizer; one ``update`` per batch.
+
+    ``amp``: whether both networks run their torso in bf16 here, and why (:func:`choose_amp`
+    of ``cfg.amp`` on this learner's device and CPU).
+    """
 
     def __init__(self, cfg: Config, num_actions: int, device: str | torch.device = "cpu"):
         # Settings left at auto take the optimizer's defaults, as they do in a run.
         cfg = resolve_optimizer(cfg)
         self.cfg = cfg
         self.device = torch.device(device)
-        self.online = build_network(num_actions, cfg.network, cfg.dueling).to(self.device)
+        self.amp = choose_amp(cfg.amp, self.device.type)
+        torso_dtype = torch.bfloat16 if self.amp.enabled else None
+        self.online = build_network(num_actions, cfg.network, cfg.dueling, torso_dtype)
+        self.online.to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.optimizer = build_optimizer(self.online.parameters(), cfg)
         self.updates = 0
         self._forward = torch.compile(self.online) if cfg.compile else self.online
-        self._amp = cfg.amp
 
     @property
     def beta(self) -> float:
@@ -114,8 +195,7 @@ class Learner:
         reads them when it logs.
         """
         self.online.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
-            loss, priorities, q = td_loss(self._forward, self.target, batch)
+        loss, priorities, q = td_loss(self._forward, self.target, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.grad_clip)
@@ -173,7 +253,7 @@ def check_learner_state(cfg: Config, num_actions: int, state: dict[str, Any], pa
             )
     head = "dueling " if cfg.dueling else ""
     what = f"a {cfg.network} {head}network for {cfg.game}"
-    learner = Learner(cfg.replace(compile=False, amp=False), num_actions, "cpu")
+    learner = Learner(cfg.replace(compile=False, amp="off"), num_actions, "cpu")
     for name in ("online", "target"):
         expected = getattr(learner, name).state_dict()
         check_network_state(state[name], expected, path, what, name)

@@ -53,6 +53,7 @@ import torch
 from apex_dqn.common.inflight import InFlight
 from apex_dqn.common.messages import CompactBatch, SampledBatch
 from apex_dqn.learner.learning import TorchBatch
+from apex_dqn.replay.rate_limiter import SampleToInsertRatio
 from apex_dqn.replay.shard import ReplayShard, importance_weights
 
 
@@ -98,24 +99,51 @@ def _global_weights(
 
 
 class LocalSampler:
-    """Samples in-process shards synchronously, batches in ``wire`` format."""
+    """Samples in-process shards synchronously, batches in ``wire`` format.
+
+    With a ``ratio`` (``--samples-per-insert``) ``draw`` returns None while a batch would
+    take the learner ahead of the ratio, and :meth:`may_insert` says whether a push may
+    go in; inserts are the shards' own ``added`` counts, exact here, from the first draw
+    (when learning begins) on.
+    """
 
     def __init__(
-        self, shards: list[ReplayShard], batch_size: int, seed: int = 0, wire: str = "raw"
-    ):
+        self, shards: list[ReplayShard], batch_size: int, seed: int = 0, wire: str = "raw",
+        ratio: SampleToInsertRatio | None = None,
+    ):  # fmt: skip
         self.shards, self.batch_size, self.wire = shards, batch_size, wire
         self.rng = np.random.default_rng(seed)
+        self.ratio = ratio
+        self.sampled = 0  # transitions drawn since learning began
+        self._base: int | None = None  # the shards' inserts when learning began
 
     def replay_size(self) -> int:
         return sum(len(s) for s in self.shards)
+
+    def inserted(self) -> int:
+        """Transitions the shards took since learning began (all of them before)."""
+        return sum(s.added for s in self.shards) - (self._base or 0)
+
+    def may_insert(self, n: int) -> bool:
+        """Whether a push of ``n`` transitions keeps the replay ratio; always before
+        learning begins, and with no ratio."""
+        if self.ratio is None or self._base is None:
+            return True
+        return self.ratio.can_insert(self.inserted(), self.sampled, n)
 
     def draw(self, beta: float) -> Drawn | None:
         totals = np.array([s.total_priority for s in self.shards])
         mass = totals.sum()
         if mass <= 0:
             return None
+        if self.ratio is not None:
+            if self._base is None:
+                self._base = sum(s.added for s in self.shards)
+            if not self.ratio.can_sample(self.inserted(), self.sampled, self.batch_size):
+                return None
         s, prob = _choose(totals, self.rng)
         batch = self.shards[s].sample(self.batch_size, beta, self.wire)
+        self.sampled += self.batch_size
         least = min(sh.min_priority for sh, t in zip(self.shards, totals, strict=True) if t > 0)
         weights = _global_weights(batch, prob, mass, least, self.replay_size(), beta)
         return Drawn(s, batch, weights)
@@ -152,10 +180,20 @@ class RaySampler:
     Every sample request names this process's node, so each shard answers in the wire
     format the run set for a reader there (stacked on the shard's own node, compressed
     from another: ``replay.worker.wire_for``); ``draw`` returns either kind of batch.
+
+    The replay ratio (``ratio``, ``--samples-per-insert``): from its first draw, when
+    learning begins, the sampler counts the transitions it requests (``sampled``) and
+    those the shards report inserting (``inserted``, summed over each shard's
+    incarnations), sends a request only while :meth:`SampleToInsertRatio.can_sample`
+    allows it, and every ``pace_s`` seconds tells each shard how many more transitions
+    it may take (``HostedShard.pace``, at most one call in flight per shard), whose
+    answer brings the shard's count back. It keeps pacing while it waits, so the two
+    sides' views of the counts meet within a round trip and one of them can go on.
     """
 
     def __init__(self, shards: list[Any], batch_size: int, prefetch: int, seed: int = 0,
-                 max_updates_in_flight: int = 64, refresh_s: float = 5.0):  # fmt: skip
+                 max_updates_in_flight: int = 64, refresh_s: float = 5.0,
+                 ratio: SampleToInsertRatio | None = None, pace_s: float = 0.02):  # fmt: skip
         import ray
 
         self._ray = ray
@@ -172,6 +210,19 @@ class RaySampler:
         self._asked = float("-inf")
         self._updates: InFlight[int] = InFlight()  # shard of each update in flight
         self._max_updates = max_updates_in_flight
+        # The replay ratio's counts (kept without a ratio too: they cost nothing).
+        self.ratio, self.pace_s = ratio, pace_s
+        self._seen: list[tuple[int, int] | None] = [None] * len(shards)  # (incarnation, added)
+        self._inserted = 0  # transitions the shards reported, over all their incarnations
+        self._base: int | None = None  # ``_inserted`` when learning began
+        self.sampled = 0  # transitions requested since learning began
+        self.refused = 0  # pushes the shards answered "not yet", over their incarnations
+        self._refused: list[tuple[int, int] | None] = [None] * len(shards)
+        self._limited_s = 0.0  # seconds with no request out: the ratio held it back
+        self._limited_since: float | None = None  # since when, while it lasts
+        self._paces: InFlight[int] = InFlight()  # tagged by shard, at most one each
+        self._paced = float("-inf")
+        self._metrics_at = (0.0, time.monotonic())  # (limited seconds, when) last reported
         self.refresh()
 
     # ------------------------------------------------------------------ shard stats
@@ -194,6 +245,19 @@ class RaySampler:
                 continue
             self.totals[s], self.sizes[s] = stats.total_priority, stats.size
             self.mins[s] = stats.min_priority
+            self._count(s, stats.incarnation, stats.added)
+
+    def _count(self, s: int, incarnation: int, added: int) -> None:
+        """Take shard ``s``'s insert count: a new incarnation counts from 0, and an
+        answer older than one already taken (stats and pace calls cross) changes nothing."""
+        seen = self._seen[s]
+        if seen is None or seen[0] != incarnation:
+            self._inserted += added
+        elif added > seen[1]:
+            self._inserted += added - seen[1]
+        else:
+            return
+        self._seen[s] = (incarnation, added)
 
     def _poll_stats(self) -> None:
         """Take the stats answers that are in, and ask again when due. Never waits."""
@@ -214,28 +278,119 @@ class RaySampler:
     def replay_size(self) -> int:
         return int(self.sizes.sum())
 
+    def inserted(self) -> int:
+        """Transitions the shards reported inserting since learning began (all of them
+        before it began)."""
+        return self._inserted - (self._base or 0)
+
     def in_flight(self) -> dict[str, int]:
         """Calls awaiting an answer, per kind: each is bounded."""
         return {
             "sample_requests": len(self._requests),
             "stats_requests": len(self._stats),
             "priority_updates": len(self._updates),
+            "pace_calls": len(self._paces),
         }
+
+    # ------------------------------------------------------------------ replay ratio
+    def pace(self) -> None:
+        """Tell each shard how many more transitions it may take, when due; take the
+        answers that are in (their counts). Never waits."""
+        if self.ratio is None or self._base is None:
+            return
+        self._read_paces(self._paces.take(timeout=0))
+        now = time.monotonic()
+        if now - self._paced < self.pace_s:
+            return
+        self._paced = now
+        share = self.ratio.shard_headroom(self.inserted(), self.sampled, len(self.shards))
+        asking = set(self._paces)
+        for s, shard in enumerate(self.shards):
+            if s not in asking:
+                self._paces.add(shard.pace.remote(self._seen[s], share), s)
+
+    def _read_paces(self, answered: list[tuple[int, Any]]) -> None:
+        for s, ref in answered:
+            try:
+                incarnation, added, refused = self._ray.get(ref)
+            except self._ray.exceptions.RayError:  # down or restarting: its stats tell
+                continue
+            self._count(s, incarnation, added)
+            last = self._refused[s]
+            same = last is not None and last[0] == incarnation
+            self.refused += refused - last[1] if same else refused
+            self._refused[s] = (incarnation, refused)
+
+    def _begin(self) -> None:
+        """Learning begins: counts of the replay ratio start here, from fresh counts."""
+        if self.ratio is not None and self._base is None:
+            self.refresh()
+            self._base = self._inserted
+
+    def owed(self) -> float:
+        """``X * inserted - sampled``: sampled transitions the learner is behind the ratio
+        (negative: ahead); 0 with no ratio or before learning began."""
+        if self.ratio is None or self._base is None:
+            return 0.0
+        return self.ratio.owed(self.inserted(), self.sampled)
+
+    def ratio_metrics(self) -> dict[str, float]:
+        """The replay ratio's state, as TensorBoard scalars (none without a ratio):
+        sampled transitions owed (kept within +-tolerance), pushes the shards refused,
+        and the share of the time since the last call that the ratio held the learner
+        back (no sample request out)."""
+        if self.ratio is None:
+            return {}
+        now, limited = time.monotonic(), self.limited_s
+        last, then = self._metrics_at
+        self._metrics_at = (limited, now)
+        return {
+            "replay/samples_owed": self.owed(),
+            "replay/refused_pushes": float(self.refused),
+            "learner/ratio_wait_fraction": min(1.0, (limited - last) / max(now - then, 1e-9)),
+        }
+
+    @property
+    def limited_s(self) -> float:
+        """Seconds the learner had no sample request out because the ratio held it back."""
+        since = self._limited_since
+        return self._limited_s + (time.monotonic() - since if since is not None else 0.0)
+
+    def _may_sample(self) -> bool:
+        if self.ratio is None:
+            return True
+        allowed = self.ratio.can_sample(self.inserted(), self.sampled, self.batch_size)
+        now = time.monotonic()
+        if allowed and self._limited_since is not None:
+            self._limited_s += now - self._limited_since
+            self._limited_since = None
+        elif not allowed and not self._requests and self._limited_since is None:
+            self._limited_since = now
+        return allowed
 
     # --------------------------------------------------------------------- sampling
     def _fill(self, beta: float) -> None:
         while len(self._requests) < self.prefetch and (mass := self.totals.sum()) > 0:
+            if not self._may_sample():
+                return
             s, prob = _choose(self.totals, self.rng)
             ref = self.shards[s].sample.remote(self.batch_size, beta, reader=self.node)
             self._requests.add(ref, _Request(s, prob, float(mass)))
+            self.sampled += self.batch_size
 
     def _least_priority(self) -> float:
         """The least live priority over the shards not marked down, as last seen."""
         return float(self.mins[self.totals > 0].min(initial=np.inf))
 
     def draw(self, beta: float, timeout: float = 1.0) -> Drawn | None:
+        self._begin()
         self._poll_stats()
+        self.pace()
         self._fill(beta)
+        if not self._requests and self.ratio is not None:
+            # Held back by the ratio: wait a little for the shards' new counts.
+            self._read_paces(self._paces.take(timeout=min(timeout, 0.05), num=1))
+            self._fill(beta)
         answered = self._requests.take(timeout=timeout, num=1)
         if not answered:
             return None
@@ -247,6 +402,7 @@ class RaySampler:
             # Shard down, restarting or empty: skip it until its stats show data again.
             self._mark_down(s)
             self.failures += 1
+            self.sampled -= self.batch_size  # nothing was sampled
             return None
         self.totals[s], self.sizes[s] = batch.shard_total, batch.shard_size
         self.mins[s] = _least_priority(batch)

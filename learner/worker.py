@@ -26,6 +26,7 @@ from apex_dqn.common.networks import state_dict_to_numpy
 from apex_dqn.learner.learning import Learner
 from apex_dqn.learner.loop import TrainLoop
 from apex_dqn.learner.pipeline import RaySampler
+from apex_dqn.replay.rate_limiter import SampleToInsertRatio
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -52,7 +53,8 @@ class LearnerWorker:
         self.learner = Learner(cfg, num_actions, self.device)
         if state is not None:
             self.learner.load_state_dict(state)
-        self.sampler = RaySampler(shards, cfg.batch_size, cfg.prefetch_batches, seed=cfg.seed)
+        self.sampler = RaySampler(shards, cfg.batch_size, cfg.prefetch_batches, seed=cfg.seed,
+                                  ratio=SampleToInsertRatio.from_config(cfg))  # fmt: skip
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._published: tuple[int, list] | None = None
@@ -103,6 +105,7 @@ class LearnerWorker:
         metrics = {k: float(v) / count for k, v in sums.items()} if count else {}
         metrics.update({f"sampler/{k}_in_flight": v for k, v in self.sampler.in_flight().items()})
         metrics["sampler/failed_requests"] = self.sampler.failures
+        metrics.update(self.sampler.ratio_metrics())
         return LearnerStats(
             updates=self.learner.updates,
             updates_since=count,

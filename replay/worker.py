@@ -13,6 +13,12 @@ carry an ``incarnation`` number, new in every process, so the driver can tell a 
 offset drawn from it, so keys of two incarnations never meet; ``samples`` counts the
 batches it served, so a restarted shard being sampled again is visible.
 
+With ``--samples-per-insert`` actors push with ``offer`` instead of ``add``: a push the
+replay ratio does not allow yet is answered None at once and kept by its actor, never
+dropped, and never left waiting in the shard, whose one thread must go on serving the
+learner's samples. The learner says how many transitions the shard may take with
+``pace`` (``replay/rate_limiter.py``).
+
 Where shards run (:func:`plan_placement`, ``--replay-placement``): on the learner's node,
 where a batch goes from the shard to the learner through shared memory, or spread over
 the nodes, where each batch crosses the network. What a batch looks like on its way
@@ -31,8 +37,15 @@ from typing import Any
 import ray
 
 from apex_dqn.common.config import BYTES_PER_TRANSITION
-from apex_dqn.common.messages import CompactBatch, Placement, SampledBatch, ShardStats
+from apex_dqn.common.messages import (
+    CompactBatch,
+    Placement,
+    SampledBatch,
+    ShardStats,
+    TransitionChunk,
+)
 from apex_dqn.replay.persist import ReplayStateError
+from apex_dqn.replay.rate_limiter import InsertGate
 from apex_dqn.replay.shard import ReplayShard
 
 
@@ -72,6 +85,7 @@ class HostedShard(ReplayShard):
         self.node = context.get_node_id() if context is not None else None
         self.incarnation = int.from_bytes(os.urandom(6), "little")
         self.samples = 0
+        self.gate = InsertGate()  # the replay ratio's hold on pushes (offer, pace)
         # Keys of each incarnation start at a random multiple of 2**40 (room for 2**40
         # transitions), so a late priority update for an item the previous incarnation
         # held names no item of this one and is dropped like any evicted key.
@@ -119,6 +133,33 @@ class HostedShard(ReplayShard):
         batch = super().sample(batch_size, beta, wire_for(wire or self.wire, self.node, reader))
         self.samples += 1
         return batch
+
+    def offer(self, chunk: TransitionChunk) -> int | None:
+        """:meth:`add` the chunk if the replay ratio lets it in now (:class:`InsertGate`),
+        and return how many transitions were stored; else None, "not yet": the actor
+        keeps the chunk and offers it again. Answers at once either way, so a waiting
+        push never holds up the calls queued behind it."""
+        if not self.gate.admit(
+            chunk.stream, chunk.first_frame, len(chunk.frames), len(chunk), self.added
+        ):
+            return None
+        return self.add(chunk)
+
+    def pace(self, seen: tuple[int, int] | None, headroom: int | None) -> tuple[int, int, int]:
+        """The learner's word on the replay ratio: this shard may take ``headroom`` more
+        transitions than the ``added`` count it last heard from this shard, ``seen`` =
+        (incarnation, added); None lifts the limit. Returns (incarnation, added, pushes
+        refused so far), the counts the learner's limiter runs on.
+
+        A ``seen`` of another incarnation (the shard restarted since) counts from 0:
+        the learner has heard of none of this incarnation's transitions.
+        """
+        if headroom is None:
+            self.gate.set_limit(None)
+        else:
+            heard = seen[1] if seen is not None and seen[0] == self.incarnation else 0
+            self.gate.set_limit(heard + headroom)
+        return self.incarnation, self.added, self.gate.refused
 
     def stats(self) -> ShardStats:
         return dataclasses.replace(super().stats(), incarnation=self.incarnation,

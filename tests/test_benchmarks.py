@@ -68,3 +68,12 @@ def test_learner_benchmark_without_ray():
     assert out["ratio"] == pytest.approx(
         out["pipeline_updates_per_s"] / out["synthetic_updates_per_s"], 1e-2
     )
+    # float32 and the bf16 torso side by side; the synthetic run is the one --amp picked.
+    assert out["bf16_vs_fp32_updates_ratio"] == pytest.approx(
+        out["bf16_updates_per_s"] / out["fp32_updates_per_s"], 1e-2
+    )
+    picked = "bf16_updates_per_s" if out["amp_on"] else "fp32_updates_per_s"
+    assert out["synthetic_updates_per_s"] == out[picked]
+    assert out["amp_on"] == out["bf16_native"]  # --amp auto: on where bf16 is native
+    if out["device"] == "cpu":
+        assert out["bf16_native"] == bool(out["cpu_bf16_flags"])

@@ -7,10 +7,19 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
 from apex_dqn.benchmarks.capacity import Cluster, Costs, main, predict, shard_load
+from apex_dqn.benchmarks.capacity_check import (
+    compare,
+    cross_node_bytes,
+    given,
+    placement,
+    steady_rates,
+)
+from apex_dqn.benchmarks.capacity_check import main as check_main
 from apex_dqn.common.config import BYTES_PER_TRANSITION
 from tests.runner import ROOT
 
@@ -123,6 +132,7 @@ def test_shards_needed_covers_the_load():
         (["--link-gbps", "-1"], "--link-gbps"),
         (["--wire", "lz4"], "lz4"),
         (["--replay-placement", "anywhere"], "anywhere"),
+        (["--cores", "-1"], "--cores"),
     ],
 )
 def test_bad_arguments_give_one_line_and_status_2(argv, names, capsys):
@@ -134,8 +144,6 @@ def test_bad_arguments_give_one_line_and_status_2(argv, names, capsys):
 
 
 def test_costs_from_a_previous_run(tmp_path, capsys):
-    from dataclasses import asdict
-
     saved = tmp_path / "run.txt"
     saved.write_text("a table line\n" + json.dumps({"costs": asdict(COSTS)}) + "\n")
     out = main(["--costs", str(saved), "--actors", "8", "--wire", "raw"])
@@ -190,3 +198,82 @@ def test_quick_run_prints_the_documented_json():
     assert set(pred["network"]) == {"learner node", "each shard node"}
     assert out["cluster"]["actors"] == 64 and out["quick"] is True
     assert "saturates first" in proc.stdout
+
+
+def test_cores_shared_on_one_machine_scale_actors_and_learner_alike():
+    k = Cluster(actors=2, shards=1, learner_samples_per_s=500.0, wire="raw")
+    alone, shared = predict(COSTS, k), predict(COSTS, Cluster(**{**asdict(k), "cores": 2.0}))
+    # The shard needs (2,000 x 5e-6 + 500 x 1e-5) = 0.015 cores; the rest goes to 3 processes.
+    share = (2.0 - 0.015) / 3
+    assert alone.core_share == 1.0 and shared.core_share == pytest.approx(share)
+    assert shared.insert_per_s == pytest.approx(alone.insert_per_s * share)
+    assert shared.sample_per_s == pytest.approx(alone.sample_per_s * share)
+    assert predict(COSTS, Cluster(**{**asdict(k), "cores": 64.0})).core_share == 1.0
+
+
+def _series(points: list[tuple[float, float]], frames_per_s: float) -> list:
+    """(wall_time, step, value) with step = env frames at ``frames_per_s`` from t=0."""
+    return [(t, int(t * frames_per_s), v) for t, v in points]
+
+
+def test_steady_rates_are_taken_after_the_learner_starts():
+    fps = 4_000.0  # 1,000 transitions/s
+    updates = _series([(0, 0), (5, 0), (10, 20), (15, 120), (20, 220), (25, 320)], fps)
+    added = _series([(t, 100 * t) for t in (0, 5, 10, 15, 20, 25)], fps)
+    rates = steady_rates({"charts/learner_updates": updates, "replay/added": added}, batch=32)
+    # The window runs from the log after the first update (t=15) to the last (t=25).
+    assert rates["window_s"] == 10
+    assert rates["updates_per_s"] == pytest.approx(20.0)
+    assert rates["samples_per_s"] == pytest.approx(640.0)
+    assert rates["transitions_per_s"] == pytest.approx(1_000.0)
+    assert rates["inserts_per_s"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="run longer"):
+        steady_rates({"charts/learner_updates": updates[:4]}, batch=32)
+
+
+def test_measured_and_predicted_are_set_side_by_side():
+    k = Cluster(actors=2, shards=2, learner_samples_per_s=500.0, placement="spread", wire="zstd",
+                actors_per_node=1, batch_size=32, envs_per_actor=8, cores=2.0)  # fmt: skip
+    p = predict(COSTS, k)
+    measured = {"transitions_per_s": 800.0, "samples_per_s": 320.0, "updates_per_s": 10.0,
+                "inserts_per_s": 790.0, "cores": {"actor": [0.7, 0.5], "learner": [0.9]},
+                "loopback_bytes_per_s": 5e6,
+                "nodes": {"learner": "h", "actor 0": "a", "actor 1": "h", "shard 0": "h",
+                          "shard 1": "b"}}  # fmt: skip
+    rows = compare(measured, {"shared": p}, batch=32)["shared"]
+    assert set(rows) == {"transitions_per_s", "samples_per_s", "updates_per_s",
+                         "inserts_per_s", "actor_cores_each", "learner_cores_each"}  # fmt: skip
+    assert rows["transitions_per_s"]["ratio"] == pytest.approx(800.0 / p.insert_per_s)
+    assert rows["updates_per_s"]["predicted"] == pytest.approx(p.sample_per_s / 32)
+    assert rows["actor_cores_each"]["measured"] == pytest.approx(0.6)
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rows.values())
+    # Across nodes: actor 0 (node a) pushes to shard 0 (node h); actor 1 (h) to shard 1 (b);
+    # shard 1 is off the learner's node; actor node a fetches weights.
+    bytes_ = cross_node_bytes(COSTS, k, measured)
+    assert bytes_["pushes"] == pytest.approx(2 * 400.0 * 7_200)
+    assert bytes_["samples"] == pytest.approx(160.0 * (500 + 12))
+    fetches = min(10.0 / 25, 1_000 / (8 * 100))
+    assert bytes_["weights"] == pytest.approx(13_000_000 * fetches)
+    assert bytes_["ratio"] == pytest.approx(5e6 / bytes_["predicted"])
+    assert placement(["learner: pid 3 on 1.2.3.4 node abc (cpu)",
+                      "actor 0: pid 4 node def ip 1.2.3.4 epsilon 0.4"]) == {
+        "learner": "abc", "actor 0": "def"}  # fmt: skip
+
+
+def test_given_cores_check_the_per_core_costs_alone():
+    measured = {"transitions_per_s": 900.0, "samples_per_s": 400.0,
+                "cores": {"actor": [0.5, 0.4], "learner": [0.5]}}  # fmt: skip
+    rows = given(COSTS, measured, batch=32)
+    assert rows["transitions_per_s"]["predicted"] == pytest.approx(0.9 * 1_000.0)
+    assert rows["transitions_per_s"]["ratio"] == pytest.approx(1.0)
+    assert rows["samples_per_s"]["predicted"] == pytest.approx(0.5 * 500.0)
+    assert rows["samples_per_s"]["ratio"] == pytest.approx(400.0 / 250.0)
+
+
+@pytest.mark.parametrize("argv", [["--runs", "foo"], ["--seconds", "0"], ["--actors", "0"]])
+def test_bad_check_arguments_give_one_line_and_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        check_main(argv)  # refused before anything is measured or started
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and argv[0] in err[0]

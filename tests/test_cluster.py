@@ -31,7 +31,7 @@ TINY = [
     "--batch-size", "16", "--network", "dqn2013", "--push-period", "20",
     "--publish-period", "5", "--weight-sync-period", "10", "--target-update-period", "10",
     "--log-interval-s", "2", "--checkpoint-interval-s", "100000", "--eval-interval-s", "0",
-    "--total-frames", "1000000000",
+    "--final-eval-episodes", "0", "--total-frames", "1000000000",
 ]  # fmt: skip
 ACTOR = r"^actor {i}: pid (\d+) node (\w+) ip \S+ epsilon (\S+)$"
 

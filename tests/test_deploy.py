@@ -14,6 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
+import click
 import jsonschema
 import pytest
 import yaml
@@ -26,7 +27,10 @@ from apex_dqn.common.config import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-CLUSTER_CONFIGS = sorted(DEPLOY.glob("cluster*.yaml"))
+# The launcher config for machines of one's own (Ray's `local` provider), apart from the
+# cloud configs: no images, no node types.
+ONPREM = DEPLOY / "cluster-onprem.yaml"
+CLUSTER_CONFIGS = sorted(p for p in DEPLOY.glob("cluster*.yaml") if p != ONPREM)
 KUBERAY = DEPLOY / "kuberay-rayjob.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 CONSTRAINTS = DEPLOY / "constraints.txt"
@@ -149,7 +153,7 @@ def _setup_commands(config: dict) -> list[str]:
     keys = ("initialization_commands", "setup_commands")
     keys += ("head_setup_commands", "worker_setup_commands")
     commands = [c for k in keys for c in config.get(k, [])]
-    for node in config["available_node_types"].values():
+    for node in config.get("available_node_types", {}).values():
         for k in ("initialization_commands", "worker_setup_commands"):
             commands += node.get(k, [])
     return commands
@@ -174,7 +178,7 @@ def _install_places() -> dict[str, list[str]]:
         ".ci/run": _logical_lines(CI.read_text()),
         "deploy/Dockerfile": _dockerfile_runs(DOCKERFILE.read_text()),
     }
-    for path in CLUSTER_CONFIGS:
+    for path in [*CLUSTER_CONFIGS, ONPREM]:
         places[f"deploy/{path.name}"] = _setup_commands(_load(path))
     return places
 
@@ -347,6 +351,96 @@ def test_min_workers_above_max_workers_fails_validation():
     config = _broken(lambda c: c["available_node_types"]["cpu_spot"].update(min_workers=99))
     with pytest.raises(ValueError, match="max_workers"):
         validate_config(prepare_config(config))
+
+
+# ------------------------------------------------------------ machines of one's own (SSH)
+VENV_PYTHON = "~/apex-dqn-venv/bin/python"
+
+
+def test_onprem_is_a_local_cluster_that_passes_rays_validator():
+    raw, config = _load(ONPREM), _prepared(ONPREM)
+    provider = raw["provider"]
+    assert provider["type"] == "local" and "docker" not in raw
+    assert raw["cluster_name"] == "apex-dqn"
+    assert provider["head_ip"] and provider["worker_ips"]
+    assert provider["head_ip"] not in provider["worker_ips"]
+    assert config["max_workers"] == len(provider["worker_ips"])  # every machine joins
+    assert raw["auth"]["ssh_user"] != "root", "`ray stop` would end every Ray on the machine"
+
+
+def test_onprem_token_authentication_and_dashboard_on_localhost():
+    config = _prepared(ONPREM)
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    # For every Ray process and every login shell of `ray submit` and `ray attach`.
+    assert "export RAY_AUTH_MODE=token" in " ".join(config["setup_commands"])
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
+
+
+def test_onprem_installs_the_project_into_a_venv_on_every_node():
+    """A venv of the Python the constraints were made with, first on PATH (`ray`, and the
+    `python` that `ray submit` runs); into it torch first, pinned, then the project at the
+    constraints' pins; CPU torch on the workers."""
+    config = _prepared(ONPREM)
+    made = re.search(r"CPython (\d+\.\d+)", CONSTRAINTS.read_text()).group(1)
+    setup = config["setup_commands"]
+    assert any(re.search(rf"python{re.escape(made)} -m venv ~/apex-dqn-venv$", c) for c in setup)
+    assert any('export PATH="$HOME/apex-dqn-venv/bin:$PATH"' in c for c in setup)
+    assert [r for r, local in config["file_mounts"].items() if local == "."] == ["~/apex-dqn"]
+    torch_pin = f"torch=={_pins()['torch']}"
+    for role in ("head_setup_commands", "worker_setup_commands"):
+        commands = " ".join(config[role])
+        assert commands.count("pip install") == commands.count(f"{VENV_PYTHON} -m pip install")
+        installs = _pip_installs(commands)
+        torch = [i for i, a in enumerate(installs) if torch_pin in a]
+        project = [i for i, a in enumerate(installs) if _installs_project(a)]
+        assert torch and project and torch[0] < project[0], role
+        assert _option(installs[project[0]], "-e", "--editable") == "~/apex-dqn", role
+        constraints = _option(installs[project[0]], "-c", "--constraint")
+        assert constraints == "~/apex-dqn/deploy/constraints.txt", role
+    worker_torch = next(
+        a for a in _pip_installs(" ".join(config["worker_setup_commands"])) if torch_pin in a
+    )
+    assert "whl/cpu" in _option(worker_torch, "--index-url"), "CPU workers need CPU torch"
+
+
+def test_onprem_ray_has_a_temp_directory_of_the_accounts_own():
+    """Where `ray start` records its cluster for `--address auto`: the account's own, not
+    /tmp/ray, which records the last `ray start` of anyone on the machine."""
+    setup = _prepared(ONPREM)["setup_commands"]
+    exported = next(c for c in setup if "RAY_TMPDIR=" in c and ">> ~/.bashrc" in c)
+    assert "$(id -u)" in exported or "$(id -un)" in exported, exported
+    assert any('mkdir -p -m 700 "$RAY_TMPDIR" && test -O "$RAY_TMPDIR"' in c for c in setup)
+
+
+def test_onprem_start_commands_fit_any_machine():
+    """The open-files limit raised to the hard limit (a fixed `ulimit -n 65536` fails where
+    the hard limit is lower), and every port given outside Ray's worker ports."""
+    config = _prepared(ONPREM)
+    for role in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(config[role])
+        assert 'ulimit -n "$(ulimit -Hn)"' in start, role
+        assert not re.search(r"ulimit -n \d", start), role
+        for port in map(int, re.findall(r"--[\w-]*port=(\d+)", start)):
+            assert not 10002 <= port <= 19999, f"{role}: port {port} is a worker port"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["provider"].pop("head_ip"), "Please supply a `head_ip`"),
+        (
+            lambda c: c.update(available_node_types={"cpu": {"resources": {}}}),
+            "available_node_types is not supported for on-premise clusters",
+        ),
+    ],
+    ids=["no-head-ip", "node-types"],
+)
+def test_broken_onprem_config_is_refused(mutate, message):
+    config = _load(ONPREM)
+    mutate(config)
+    with pytest.raises(click.ClickException, match=re.escape(message)):
+        prepare_config(config)
 
 
 # ------------------------------------------------------------------------------ KubeRay
@@ -622,7 +716,7 @@ def test_broken_rayjob_is_caught(mutate, problem):
 
 # ------------------------------------------------------------------ one version of each
 def _deploy_texts() -> dict[str, str]:
-    files = [*CLUSTER_CONFIGS, KUBERAY, DOCKERFILE, DEPLOY / "README.md"]
+    files = [*CLUSTER_CONFIGS, ONPREM, KUBERAY, DOCKERFILE, DEPLOY / "README.md"]
     return {p.name: p.read_text() for p in files}
 
 
@@ -665,7 +759,7 @@ def test_one_torch_version_in_every_deploy_file_and_ci():
     texts[".ci/run"] = CI.read_text()
     texts["README.md (root)"] = (ROOT / "README.md").read_text()
     pins = {name: set(re.findall(r"torch==([\w.+]+)", t)) for name, t in texts.items()}
-    assert all(pins[p.name] for p in CLUSTER_CONFIGS), pins
+    assert all(pins[p.name] for p in [*CLUSTER_CONFIGS, ONPREM]), pins
     assert pins[".ci/run"] and pins["Dockerfile"], pins
     assert set().union(*pins.values()) == {_pins()["torch"]}, pins
 

@@ -201,7 +201,7 @@ TINY = [
     "--weight-sync-period", "10", "--target-update-period", "10",
     "--max-pushes-in-flight", str(PUSHES_IN_FLIGHT), "--prefetch-batches", str(PREFETCH),
     "--log-interval-s", str(LOG_S), "--checkpoint-interval-s", "100000",
-    "--eval-interval-s", "0", "--total-frames", "1000000000",
+    "--eval-interval-s", "0", "--final-eval-episodes", "0", "--total-frames", "1000000000",
 ]  # fmt: skip
 
 

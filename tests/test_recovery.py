@@ -16,7 +16,7 @@ TINY = [
     "--replay-capacity", "20000", "--replay-min-size", "400", "--batch-size", "16",
     "--network", "dqn2013", "--push-period", "20", "--publish-period", "5",
     "--weight-sync-period", "10", "--target-update-period", "10",
-    "--log-interval-s", "2", "--checkpoint-interval-s", "4",
+    "--log-interval-s", "2", "--checkpoint-interval-s", "4", "--final-eval-episodes", "0",
 ]  # fmt: skip
 
 

@@ -17,12 +17,16 @@ import pytest
 import torch
 
 from apex_dqn.common import checkpoint
+from apex_dqn.common.config import Config
 from apex_dqn.common.networks import build_network
+from apex_dqn.evaluation.final import read_final_evaluations
+from apex_dqn.replay.rate_limiter import SampleToInsertRatio
 from tests.runner import TrainRun
 
 pytestmark = [pytest.mark.ray, pytest.mark.rom, pytest.mark.slow]
 
 NUM_ACTORS = SHARDS = 2
+RATIO = 0.25  # sampled per inserted: below what TINY gives free-running here (~0.3-0.4)
 TARGET_PERIOD = 20
 TINY = [
     "--num-actors", str(NUM_ACTORS), "--envs-per-actor", "2",
@@ -31,6 +35,7 @@ TINY = [
     "--publish-period", "5", "--weight-sync-period", "20", "--push-period", "20",
     "--log-interval-s", "3", "--seed", "0",
     "--eval-interval-s", "5", "--eval-episodes", "1", "--no-eval-video",
+    "--final-eval-episodes", "2", "--samples-per-insert", str(RATIO),
 ]  # fmt: skip
 FIRST_FRAMES = 24_000
 RESUMED_FRAMES = 40_000
@@ -38,6 +43,7 @@ TAGS = (
     "charts/episodic_return", "charts/episodic_length", "losses/td_loss", "losses/q_values",
     "charts/env_frames_per_s", "charts/updates_per_s", "replay/size",
     "charts/weight_version_lag", "eval/episodic_return_mean", "eval/episodic_return_std",
+    "eval/final_return_mean", "eval/final_return_std", "eval/final_episodes",
 )  # fmt: skip
 
 
@@ -81,6 +87,21 @@ def test_run_reaches_its_frames_and_checkpoints(first_run):
     assert counters["episodes"] > 0 and np.isfinite(counters["best_score"])
     assert saved["path"].endswith(f"checkpoint-{learner['updates']:010d}.pt")
     assert saved["config"]["num_actors"] == NUM_ACTORS
+    result = _final_evaluation(logdir, output)
+    assert result["env_frames"] == counters["env_frames"]
+
+
+def _final_evaluation(logdir: Path, output: str) -> dict:
+    """The run's final evaluation, after its final checkpoint: printed, and saved beside
+    it for the weights it holds."""
+    saved = checkpoint.load(logdir)
+    (result,) = [r for r in read_final_evaluations(logdir)
+                 if r["updates"] == saved["learner"]["updates"]]  # fmt: skip
+    assert result["checkpoint"] == Path(saved["path"]).name and result["episodes"] == 2
+    assert all(s >= 0 and s % 5 == 0 for s in result["scores"])
+    line = f"final evaluation (update {result['updates']:,}): {result['mean']:.1f}"
+    assert output.index(f"checkpoint {saved['path']}") < output.index(line)
+    return result
 
 
 def test_learner_updated_and_its_target_moved(first_run):
@@ -137,6 +158,33 @@ def test_tensorboard_holds_the_documented_tags(first_run):
     evals = [v for _, v in scalars["eval/episodic_return_mean"]]
     assert evals and all(v >= 0 and v % 5 == 0 for v in evals)
     assert all(v == 0 for _, v in scalars["eval/episodic_return_std"])
+    # The final evaluation, once, at the run's last frame count.
+    ((step, mean),) = scalars["eval/final_return_mean"]
+    assert step >= FIRST_FRAMES
+    assert scalars["eval/final_episodes"] == [(step, 2.0)] and mean >= 0
+
+
+def test_the_replay_ratio_stays_within_its_band(first_run):
+    """The run holds --samples-per-insert: the learner's debt D = X * inserted - sampled
+    stays within the band (at most one push above it with two shards), and the ratio
+    achieved between the first and the last log line of learning, updates x batch per
+    transition the shards took, is X up to what the band and the batches in flight allow."""
+    _, output, saved, scalars = first_run
+    cfg = Config.from_dict(saved["config"])
+    ratio = SampleToInsertRatio.from_config(cfg)
+    assert ratio is not None and ratio.samples_per_insert == RATIO
+    assert ratio.describe() in output
+    over = (SHARDS - 1) * RATIO * ratio.push
+    owed = [v for _, v in scalars["replay/samples_owed"]]
+    assert owed and all(-ratio.error_buffer <= v <= ratio.error_buffer + over for v in owed)
+    updates, added = dict(scalars["charts/learner_updates"]), dict(scalars["replay/added"])
+    steps = [s for s in sorted(updates) if updates[s] > 0 and s in added]
+    inserted = added[steps[-1]] - added[steps[0]]
+    achieved = (updates[steps[-1]] - updates[steps[0]]) * cfg.batch_size / inserted
+    in_flight = (cfg.prefetch_batches + 3) * cfg.batch_size  # requested, not yet trained on
+    slack = (2 * ratio.error_buffer + over + in_flight) / inserted
+    assert abs(achieved - RATIO) <= slack, (achieved, slack, inserted)
+    assert scalars["replay/samples_per_insert"]
 
 
 def _file_state(path: Path) -> tuple[bytes, int]:
@@ -232,16 +280,23 @@ def test_a_killed_run_resumes_with_only_resume(first_run):
 
 
 def test_ctrl_c_stops_cleanly_with_a_checkpoint(tmp_path):
-    run = TrainRun([*TINY, "--total-frames", "100000000", "--logdir", str(tmp_path)])
+    """Ctrl-C: the final checkpoint, then the final evaluation begins; a second Ctrl-C
+    skips it (16 whole games: it would still be playing) and the run exits at once."""
+    run = TrainRun([*TINY, "--total-frames", "100000000", "--logdir", str(tmp_path),
+                    "--final-eval-episodes", "16", "--final-eval-s", "300"])  # fmt: skip
     # Interrupt while the learner trains: a log line with a finite loss.
     run.wait_for(r"loss \d+\.\d+")
-    code = run.stop(timeout=120)
+    run.interrupt()
+    run.wait_for(r"^final evaluation: 16 episodes of the weights in checkpoint-", timeout=120)
+    code = run.stop(timeout=60)
     assert code == 0, run.output[-4000:]
     assert "interrupted: saving a checkpoint" in run.output
+    assert "final evaluation skipped (SIGINT): exiting" in run.output, run.output[-4000:]
     assert "Traceback" not in run.output
     saved = checkpoint.load(tmp_path)
     assert saved["learner"]["updates"] > 0
     assert 0 < saved["counters"]["env_frames"] < 100_000_000
+    assert read_final_evaluations(tmp_path) == []
 
 
 def test_sigterm_to_the_whole_process_group_still_saves_the_last_state(tmp_path):
@@ -260,6 +315,7 @@ def test_sigterm_to_the_whole_process_group_still_saves_the_last_state(tmp_path)
     assert "Traceback" not in run.output
     saved = checkpoint.load(tmp_path)
     assert saved["learner"]["updates"] > 0
+    _final_evaluation(tmp_path, run.output)  # the signal sent twice did not skip it
 
 
 def test_a_run_resumes_with_its_saved_replay_and_learns_at_once(tmp_path):

@@ -92,3 +92,48 @@ def test_a_dead_learner_fails_quietly_until_a_new_one_is_named(ray_local):
     current["version"] = -1  # the actor restarts its versions with a new learner
     version, weights = _poll_until(poller)
     assert version == 1 and weights["w"][0] == 1.0
+
+
+def test_a_paced_pusher_keeps_refused_pushes_waits_and_stops_when_told(ray_local):
+    """A shard whose replay ratio allows nothing answers "not yet": the pusher keeps the
+    chunks, offers them again and waits (the actor would stop stepping) until the limit
+    rises, then every chunk is stored in order; a stop ends the wait. ~2 s."""
+    from apex_dqn.actors.worker import BoundedPusher
+    from apex_dqn.replay.worker import ReplayShardWorker
+    from tests.replay.recorder import RecordedStream
+
+    ray = ray_local
+    shard = ReplayShardWorker.options(num_cpus=0).remote(2_000, 0.6, seed=0)
+    rec = RecordedStream(stream=5, num_envs=2, push_period=8, seed=0)
+    chunks = (c for c in iter(rec.step, object()) if c is not None)
+    try:
+        ray.get(shard.pace.remote(None, 0))  # the limit: nothing more
+        pusher = BoundedPusher(shard, limit=1, paced=True, backoff=(0.002, 0.02))
+        sent = [next(chunks), next(chunks)]
+        for chunk in sent:
+            pusher(chunk)
+        waiter = threading.Thread(target=pusher.wait_for_room)
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive() and len(pusher) == 2 and pusher.refused > 0
+        assert ray.get(shard.stats.remote()).added == 0
+        ray.get(shard.pace.remote(None, 10_000))  # the learner caught up
+        waiter.join(timeout=10)
+        assert not waiter.is_alive() and len(pusher) == 0  # room for the next push
+        pusher.flush(timeout=10)
+        stats = ray.get(shard.stats.remote())
+        assert stats.added == sum(len(c) for c in sent) and stats.dropped == 0
+
+        ray.get(shard.pace.remote((stats.incarnation, stats.added), 0))  # nothing more again
+        stop = threading.Event()
+        for _ in range(2):
+            pusher(next(chunks))
+        waiter = threading.Thread(target=pusher.wait_for_room, args=(stop,))
+        waiter.start()
+        waiter.join(timeout=0.3)
+        assert waiter.is_alive()
+        stop.set()
+        waiter.join(timeout=2)
+        assert not waiter.is_alive() and len(pusher) == 2 and pusher.failed == 0
+    finally:
+        ray.kill(shard)

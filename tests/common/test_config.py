@@ -10,17 +10,24 @@ from pathlib import Path
 
 import pytest
 
+from apex_dqn.common.checkpoint import STRUCTURAL
 from apex_dqn.common.config import (
+    AUTO_LAPTOP_MAX_CPUS,
     OPTIMIZER_DEFAULTS,
+    PRESETS,
     RMSPROP_ALPHA,
     Config,
     ConfigError,
     build_parser,
+    choose_preset,
     from_args,
     normalize_game,
     resolve_auto,
     resolve_optimizer,
+    resolve_preset,
+    resume_config,
     validate,
+    validate_flags,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,6 +99,7 @@ INVALID = [
     ({"actor_lanes": 0}, "--actor-lanes", "0"),
     ({"actor_lanes": 3, "envs_per_actor": 16}, "--actor-lanes", "3"),
     ({"actor_precision": "fp8"}, "--actor-precision", "'fp8'"),
+    ({"amp": "yes"}, "--amp", "'yes'"),
     # A chunk may refer n + 4 steps back into the previous one.
     ({"push_period": 6, "n_step": 3}, "--push-period", "6"),
     ({"game": "nosuchgame"}, "--game", "'nosuchgame'"),
@@ -321,6 +329,20 @@ def test_from_dict_round_trips_and_reads_earlier_names():
     assert (old.optimizer, old.lr, old.optimizer_eps) == ("rmsprop", 1e-4, 1.5e-4)
     # Saved under both names, the present one wins.
     assert Config.from_dict({"adam_eps": 1.0, "optimizer_eps": 2.0}).optimizer_eps == 2.0
+    # amp was a bool: True and False read as on and off.
+    assert Config.from_dict({"amp": True}).amp == "on"
+    assert Config.from_dict({"amp": False}).amp == "off"
+    assert Config.from_dict({"amp": "auto"}).amp == "auto"
+
+
+def test_resume_loads_a_checkpoint_whose_amp_was_a_bool():
+    for old, now in ((True, "on"), (False, "off")):
+        saved = {**Config(preset="").to_dict(), "amp": old}
+        cfg, changes = resume_config(saved, ["--resume", "runs/a"], fixed=STRUCTURAL)
+        assert (cfg.amp, changes) == (now, [])
+        validate(cfg)
+    cfg, changes = resume_config(saved, ["--resume", "runs/a", "--amp", "auto"])
+    assert changes == ["--amp off -> auto"]
 
 
 def _to_argv(cfg: Config) -> list[str]:
@@ -337,6 +359,91 @@ def _to_argv(cfg: Config) -> list[str]:
 
 def test_from_args_without_flags_gives_defaults():
     assert from_args([]) == Config()
+
+
+# -------------------------------------------------------------------- --preset auto
+# (CPUs, GPUs, --device, a cluster joined) -> the preset --preset auto stands for
+AUTO_PRESETS = [
+    (1, 0, "auto", False, "laptop"),
+    (2, 0, "auto", False, "laptop"),
+    (4, 0, "auto", False, "laptop"),
+    (AUTO_LAPTOP_MAX_CPUS, 0, "auto", False, "laptop"),
+    (AUTO_LAPTOP_MAX_CPUS + 1, 0, "auto", False, "none"),
+    (64, 0, "auto", False, "none"),
+    (2, 1, "auto", False, "none"),
+    (16, 8, "auto", False, "none"),
+    (4, 1, "cpu", False, "laptop"),  # a GPU the learner is told not to use
+    (2, 0, "auto", True, "none"),  # a cluster joined: sized from its resources
+]
+
+
+@pytest.mark.parametrize(("cpus", "gpus", "device", "joined", "preset"), AUTO_PRESETS, ids=str)
+def test_preset_auto_resolution_table(cpus, gpus, device, joined, preset):
+    argv = ["--device", device]
+    cfg = from_args(argv)
+    assert cfg.preset == "auto" and cfg == Config(device=device)  # nothing applied yet
+    name, why = choose_preset(cfg, cpus=cpus, gpus=gpus, joined=joined)
+    resolved, line = resolve_preset(cfg, argv, cpus=cpus, gpus=gpus, joined=joined)
+    assert name == preset
+    assert line == f"preset auto -> {preset}: {why}"
+    assert resolved.preset == preset  # recorded in the run's config and checkpoints
+    assert resolved == cfg.replace(**PRESETS.get(preset, {}), preset=preset)
+    validate(resolved)
+    validate(resolve_auto(resolved, cpus=cpus, gpus=gpus, memory_bytes=8 * GIB), gpus=gpus)
+
+
+def test_preset_auto_line_names_the_machine():
+    lines = {
+        (2, 0): "preset auto -> laptop: no GPU, 2 CPUs",
+        (1, 0): "preset auto -> laptop: no GPU, 1 CPU",
+        (16, 1): "preset auto -> none: 1 GPU, 16 CPUs: the defaults, learner on the GPU",
+        (32, 0): "preset auto -> none: no GPU, 32 CPUs (more than 8): the defaults",
+    }
+    for (cpus, gpus), line in lines.items():
+        assert resolve_preset(Config(), [], cpus=cpus, gpus=gpus, joined=False)[1] == line
+
+
+def test_preset_auto_flags_given_win():
+    # Given explicitly, even at their defaults' values.
+    argv = ["--network", "nature", "--batch-size", "64", "--lr", "0.0001", "--num-actors", "3"]
+    cfg, _ = resolve_preset(from_args(argv), argv, cpus=2, gpus=0, joined=False)
+    assert (cfg.network, cfg.batch_size, cfg.lr, cfg.num_actors) == ("nature", 64, 1e-4, 3)
+    assert (cfg.target_update_period, cfg.replay_capacity, cfg.preset) == (1_000, 200_000, "laptop")
+
+
+def test_only_preset_auto_is_resolved():
+    for argv in (["--preset", "laptop"], ["--preset", "none"], ["--preset", ""]):
+        cfg = from_args(argv)
+        assert resolve_preset(cfg, argv, cpus=2, gpus=0, joined=False) == (cfg, "")
+    assert from_args(["--preset", "none"]) == Config(preset="none")
+    assert from_args(["--preset", "laptop"]) == Config(**PRESETS["laptop"], preset="laptop")
+    with pytest.raises(ConfigError) as info:
+        from_args(["--preset", "desktop"])
+    assert str(info.value) == "--preset='desktop' is unknown: choose one of auto, none, laptop"
+
+
+def test_flags_are_checked_before_the_preset_is_chosen():
+    # Invalid whichever preset auto picks: refused before the machine is looked at.
+    with pytest.raises(ConfigError, match=r"^--num-actors=-1 "):
+        validate_flags(from_args(["--num-actors", "-1"]), ["--num-actors", "-1"])
+    # Valid with the laptop preset's --replay-min-size (10,000), not the default 20,000:
+    # decided once the preset is chosen.
+    argv = ["--replay-capacity", "15000"]
+    validate_flags(from_args(argv), argv)
+    validate(resolve_preset(from_args(argv), argv, cpus=2, gpus=0, joined=False)[0])
+    with pytest.raises(ConfigError, match=r"^--replay-min-size=20000 "):
+        validate(resolve_preset(from_args(argv), argv, cpus=2, gpus=1, joined=False)[0])
+    with pytest.raises(ConfigError, match=r"^--replay-min-size=20000 "):
+        validate_flags(from_args(["--preset", "none", *argv]), ["--preset", "none", *argv])
+
+
+@pytest.mark.parametrize(("cpus", "gpus"), [(2, 0), (16, 1)])
+def test_a_resumed_run_keeps_the_preset_it_was_resolved_to(cpus, gpus):
+    saved, _ = resolve_preset(Config(), [], cpus=cpus, gpus=gpus, joined=False)
+    for flags in ([], ["--preset", "auto"]):
+        cfg, changes = resume_config(saved.to_dict(), ["--resume", "runs/a", *flags])
+        assert changes == []
+        assert cfg.replace(resume="") == resolve_optimizer(saved)
 
 
 def test_from_args_round_trips_every_field():
@@ -357,7 +464,7 @@ def test_from_args_round_trips_every_field():
         lr=2.5e-4,
         optimizer_eps=0.01,
         device="cpu",
-        amp=True,
+        amp="on",
         compile=True,
         seed=42,
         logdir="runs/x",
@@ -373,7 +480,10 @@ def test_bool_flags():
     assert from_args(["--dueling"]).dueling is True
     assert from_args([]).dueling is True
     assert from_args(["--terminal-on-life-loss"]).terminal_on_life_loss is True
-    assert from_args(["--no-amp", "--compile"]) == Config(amp=False, compile=True)
+    assert from_args(["--amp", "off", "--compile"]) == Config(amp="off", compile=True)
+    assert from_args(["--amp"]).amp == "on"  # alone, as the flag was when it was a bool
+    assert from_args(["--amp", "--compile"]) == Config(amp="on", compile=True)
+    assert from_args([]).amp == "auto"
 
 
 def test_from_args_types():

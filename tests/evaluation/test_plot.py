@@ -32,6 +32,8 @@ def write_session(run_dir, start: float, first_frame: int, episodes: int):
         if i % 20 == 19:
             writer.add_scalar("eval/episodic_return_mean", 150.0 + i, frames, walltime=wall)
             writer.add_scalar("eval/episodic_return_std", 12.0, frames, walltime=wall)
+    # The final evaluation of the session's last weights, at its last frame count.
+    writer.add_scalar("eval/final_return_mean", 200.0, frames, walltime=wall)
     writer.close()
 
 
@@ -53,6 +55,7 @@ def test_load_run_joins_sessions_and_leaves_out_the_gap(resumed_run):
     np.testing.assert_allclose(train.elapsed_s[:60], 10.0 * np.arange(1, 61))
     np.testing.assert_allclose(train.elapsed_s[60:], 600.0 + 10.0 * np.arange(1, 41))
     assert len(run.scalars["eval/episodic_return_mean"]) == 5
+    np.testing.assert_allclose(run.scalars["eval/final_return_mean"].steps, [240_000, 400_000])
     assert run.game == "space_invaders"
 
 

@@ -332,3 +332,89 @@ def test_ray_sampler_weights_equal_one_unsharded_replay_and_calls_stay_bounded(r
     finally:
         for shard in shards:
             ray.kill(shard)
+
+
+# ------------------------------------------------------------------------ replay ratio
+def test_local_sampler_holds_the_ratio_and_says_when_a_push_may_go_in():
+    """X = 2, band +-40, batches of 16: from the first draw on, a batch goes out only
+    while D = 2 * inserts - samples stays >= -40, a push only while D <= 40."""
+    from apex_dqn.replay.rate_limiter import SampleToInsertRatio
+
+    rng = np.random.default_rng(0)
+    shard = ReplayShard(1_000, ALPHA, seed=0)
+    shard.add(synthetic_chunk(1, 0, rng.uniform(0.1, 1.0, 30), rng))
+    ratio = SampleToInsertRatio(2.0, 40, push=30, batch=16)
+    sampler = LocalSampler([shard], batch_size=16, seed=0, ratio=ratio)
+    assert sampler.may_insert(10_000)  # learning has not begun: no limit
+    assert [sampler.draw(0.4) is not None for _ in range(3)] == [True, True, False]
+    assert sampler.sampled == 32 and sampler.inserted() == 0
+    assert sampler.may_insert(36) and not sampler.may_insert(37)  # -32 + 2 * 36 = 40
+    shard.add(synthetic_chunk(1, 30, rng.uniform(0.1, 1.0, 20), rng))  # D = 8
+    assert sampler.inserted() == 20 and not sampler.may_insert(17)
+    assert [sampler.draw(0.4) is not None for _ in range(4)] == [True, True, True, False]
+    assert ratio.owed(sampler.inserted(), sampler.sampled) == -40  # 8 - 3 * 16: the edge
+    free = LocalSampler([shard], batch_size=16, seed=0)
+    assert all(free.draw(0.4) is not None for _ in range(20)) and free.may_insert(10**9)
+
+
+@pytest.mark.ray
+def test_paced_pushers_and_the_ray_sampler_over_two_shards_never_both_wait(ray_local):
+    """Two shards, an actor thread pushing to each as the actor worker does (one stops
+    early, leaving its shard unfed but still sampled), and the learner's sampler drawing
+    as the prefetch thread does, with the narrowest band allowed: neither side is ever
+    stuck, D stays within the band (with two shards, at most one push above it), and
+    every transition pushed is stored. ~2 s."""
+    from apex_dqn.actors.worker import BoundedPusher
+    from apex_dqn.learner.pipeline import RaySampler
+    from apex_dqn.replay.rate_limiter import SampleToInsertRatio, least_error_buffer
+    from apex_dqn.replay.worker import ReplayShardWorker
+    from tests.replay.recorder import RecordedStream
+
+    ray = ray_local
+    push, batch = (10 + 3) * 4, 16
+    ratio = SampleToInsertRatio(0.5, least_error_buffer(0.5, push, batch), push, batch)
+    over = ratio.samples_per_insert * push  # (shards - 1) pushes above the band at most
+    shards = [ReplayShardWorker.options(num_cpus=0).remote(20_000, ALPHA, seed=s) for s in (0, 1)]
+    pushers = [BoundedPusher(s, limit=2, paced=True, backoff=(0.002, 0.01)) for s in shards]
+    pushed: list[list[int]] = [[], []]
+    stop = threading.Event()
+
+    def actor(i: int, chunks: int) -> None:
+        rec = RecordedStream(stream=10 + i, num_envs=4, push_period=10, seed=i)
+        while len(pushed[i]) < chunks and not stop.is_set():
+            chunk = rec.step()
+            if chunk is not None:
+                pushers[i](chunk)
+                pushed[i].append(len(chunk))
+                pushers[i].wait_for_room(stop)
+        while len(pushers[i]) and not stop.is_set():
+            pushers[i].flush(timeout=0.1)
+
+    threads = [threading.Thread(target=actor, args=(i, n)) for i, n in ((0, 24), (1, 6))]
+    try:
+        sampler = RaySampler(shards, batch, prefetch=3, seed=0, refresh_s=0.05, ratio=ratio,
+                             pace_s=0.005)  # fmt: skip
+        assert sampler.draw(0.4, timeout=0.05) is None  # learning begins, on empty shards
+        for thread in threads:
+            thread.start()
+        draws, deadline = 0, time.monotonic() + 120
+        while any(t.is_alive() for t in threads):
+            assert time.monotonic() < deadline, f"stuck: {pushed}, {sampler.sampled} sampled"
+            if sampler.draw(0.4, timeout=0.05) is not None:
+                draws += 1
+                if draws < 15:  # a slow learner at first: the actors wait for it
+                    time.sleep(0.03)
+            assert -ratio.error_buffer <= sampler.owed() <= ratio.error_buffer + over
+        stats = ray.get([s.stats.remote() for s in shards])
+        assert all(s.dropped == 0 for s in stats) and all(p.failed == 0 for p in pushers)
+        assert [s.added for s in stats] == [sum(p) for p in pushed] and len(pushed[0]) == 24
+        assert sum(p.refused for p in pushers) > 0 and sampler.limited_s > 0  # both waited
+        assert draws > 15  # past the slow start
+        sampler.refresh()
+        assert -ratio.error_buffer <= sampler.owed() <= ratio.error_buffer + over
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        for shard in shards:
+            ray.kill(shard)

@@ -140,13 +140,14 @@ def test_a_learning_rate_changed_on_resume_is_the_one_used():
 GIB = 1 << 30
 # A run saved on a machine with a GPU: autos resolved there (device, batch size, sizes).
 SAVED = resolve_auto(
-    Config(network="dqn2013", logdir="runs/a", seed=3, total_frames=50_000),
+    Config(network="dqn2013", logdir="runs/a", seed=3, total_frames=50_000, preset="none"),
     cpus=8, gpus=1, memory_bytes=16 * GIB,
 )  # fmt: skip
 LAPTOP_RUN = resolve_auto(
     Config(preset="laptop", network="dqn2013", dueling=True, batch_size=32, lr=2.5e-4,
            num_actors=1, envs_per_actor=16, replay_shards=1, replay_capacity=200_000,
-           replay_min_size=10_000, target_update_period=1_000, eval_interval_s=300.0),
+           replay_min_size=10_000, target_update_period=1_000, eval_interval_s=300.0,
+           samples_per_insert=0.6),
     cpus=4, gpus=0, memory_bytes=8 * GIB,
 )  # fmt: skip
 SOURCE = "checkpoint runs/a/checkpoint-0000000100.pt"
@@ -170,12 +171,13 @@ MERGES = {
     "a preset given on resume": (
         SAVED, ["--preset", "laptop", "--batch-size", "128"],
         ["--num-actors 7 -> 1", "--replay-capacity 700000 -> 200000",
-         "--replay-min-size 20000 -> 10000", "--batch-size 512 -> 128",
-         "--lr 0.0001 -> 0.00025", "--target-update-period 2000 -> 1000",
-         "--eval-interval-s 600.0 -> 300.0", "--preset '' -> laptop"],
+         "--replay-min-size 20000 -> 10000", "--samples-per-insert 0.0 -> 0.6",
+         "--batch-size 512 -> 128", "--lr 0.0001 -> 0.00025",
+         "--target-update-period 2000 -> 1000", "--eval-interval-s 600.0 -> 300.0",
+         "--preset none -> laptop"],
         {"num_actors": 1, "replay_capacity": 200_000, "replay_min_size": 10_000,
          "batch_size": 128, "lr": 2.5e-4, "target_update_period": 1_000,
-         "eval_interval_s": 300.0, "preset": "laptop"},
+         "eval_interval_s": 300.0, "preset": "laptop", "samples_per_insert": 0.6},
     ),
     "process settings": (
         SAVED, ["--address", "10.0.0.1:6379", "--logdir", "elsewhere", "--device", "cpu"],

@@ -271,3 +271,70 @@ def test_a_shard_worker_saves_and_a_new_one_restores_it(ray_local, tmp_path):
         for shard in (saved, restored, missing):
             if shard is not None:
                 ray.kill(shard)
+
+
+@pytest.mark.ray
+def test_paced_pushes_and_samples_wait_for_the_ratio_and_nothing_is_lost(ray_local):
+    """With a replay ratio, past the band the shard answers pushes "not yet" and the
+    pusher keeps them (the actor would stop stepping), and the learner's sampler sends
+    no request; each side goes on as the other catches up, and every transition pushed
+    is stored, in its stream's order (none dropped for frames it could not resolve)."""
+    from apex_dqn.actors.worker import BoundedPusher
+    from apex_dqn.learner.pipeline import RaySampler
+    from apex_dqn.replay.rate_limiter import SampleToInsertRatio
+    from apex_dqn.replay.worker import ReplayShardWorker
+
+    ray = ray_local
+    shard = ReplayShardWorker.options(num_cpus=0).remote(5_000, 0.6, seed=0)
+    streams = [RecordedStream(stream=s, num_envs=4, push_period=10, seed=s) for s in (1, 2)]
+
+    def chunks(count: int) -> list:
+        out = []
+        while len(out) < count:
+            out.extend(c for c in (rec.step() for rec in streams) if c is not None)
+        return out
+
+    # X = 0.5, band +-60; pushes of up to (10 + 3) * 4 = 52, batches of 16.
+    ratio = SampleToInsertRatio(0.5, 60, push=52, batch=16)
+    pusher = BoundedPusher(shard, limit=2, paced=True, backoff=(0.002, 0.01))
+    pushed = chunks(8)  # before learning begins every push goes in
+    for chunk in pushed:
+        pusher(chunk)
+    pusher.flush(timeout=30)
+    assert pusher.acked == 8 and pusher.refused == 0
+    try:
+        sampler = RaySampler([shard], batch_size=16, prefetch=2, seed=0, ratio=ratio, pace_s=0)
+        # Learning begins; no insert yet: the learner may run 60 samples ahead, 3 batches.
+        batches = 0
+        for _ in range(20):
+            batches += sampler.draw(0.4, timeout=10.0) is not None
+        assert batches == 3 and sampler.sampled == 48 and sampler.owed() == -48
+        assert sampler.ratio_metrics()["learner/ratio_wait_fraction"] > 0  # it waits
+
+        # Actors push 12 chunks (~600 transitions): the shard takes (60 + 48) / 0.5 = 216.
+        more = chunks(12)
+        pushed += more
+        for chunk in more:
+            pusher(chunk)
+        for _ in range(50):  # the learner paces the shard but samples nothing more
+            sampler.pace()
+            pusher.flush(timeout=0.01)
+        stats = ray.get(shard.stats.remote())
+        base = sum(len(c) for c in pushed[:8])
+        assert 216 - 52 < stats.added - base <= 216 and pusher.refused > 0
+        assert len(pusher) > 0  # kept, to be offered again
+
+        # The learner samples again, the pushes go in, and the ratio holds throughout.
+        for _ in range(400):
+            if not len(pusher):
+                break
+            sampler.draw(0.4, timeout=0.05)
+            pusher.flush(timeout=0.01)
+            assert -60 <= sampler.owed() <= 60
+        stats = ray.get(shard.stats.remote())
+        assert len(pusher) == 0 and pusher.acked == len(pushed) and pusher.failed == 0
+        assert stats.dropped == 0 and stats.added == sum(len(c) for c in pushed)
+        sampler.refresh()  # the sampler's count, once it has heard from the shard
+        assert sampler.inserted() == stats.added - base
+    finally:
+        ray.kill(shard)
