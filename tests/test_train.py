@@ -8,7 +8,6 @@ resumed with changed settings and killed, and resumed again with nothing but
 
 from __future__ import annotations
 
-import re
 import signal
 from pathlib import Path
 
@@ -316,37 +315,3 @@ def test_sigterm_to_the_whole_process_group_still_saves_the_last_state(tmp_path)
     saved = checkpoint.load(tmp_path)
     assert saved["learner"]["updates"] > 0
     _final_evaluation(tmp_path, run.output)  # the signal sent twice did not skip it
-
-
-def test_a_run_resumes_with_its_saved_replay_and_learns_at_once(tmp_path):
-    """With ``--save-replay`` each checkpoint carries every shard's contents; resumed,
-    the shards start from them and the learner trains at once, though
-    ``--replay-min-size`` (raised to the whole capacity) is far above what the actors
-    push in the resumed run. A shard whose file is gone starts empty, in one line."""
-    run = TrainRun([*TINY, "--save-replay", "--total-frames", "12000", "--logdir", str(tmp_path)])
-    code = run.wait()
-    assert code == 0, run.output[-4000:]
-    saved = checkpoint.load(tmp_path)
-    files = checkpoint.replay_files(saved["path"])
-    assert sorted(files) == list(range(SHARDS))
-    m = re.search(r"^replay saved: ([\d,]+) transitions of 2/2 shard\(s\)", run.output, re.M)
-    assert m, run.output[-4000:]
-    stored = int(m.group(1).replace(",", ""))
-    assert stored >= 500
-    files[1].unlink()
-
-    # 28,000 more frames push ~7,000 transitions: without the restored replay the learner
-    # would not reach --replay-min-size in this run at all.
-    resumed = TrainRun(["--resume", str(tmp_path), "--total-frames", "40000",
-                        "--replay-min-size", "20000"])  # fmt: skip
-    code = resumed.wait()
-    assert code == 0, resumed.output[-4000:]
-    out = resumed.output
-    assert re.search(r"^replay shard 0 restored [\d,]+ transitions from .*replay-0\.npz$", out,
-                     re.M), out[-4000:]  # fmt: skip
-    assert f"replay shard 1 starts empty: {files[1]} does not exist" in out
-    assert "learning starts without waiting for --replay-min-size" in out
-    assert "Traceback" not in out
-    final = checkpoint.load(tmp_path)
-    assert final["learner"]["updates"] > saved["learner"]["updates"]
-    assert sorted(checkpoint.replay_files(final["path"])) == list(range(SHARDS))
