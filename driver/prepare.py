@@ -67,6 +67,12 @@ def prepare(argv: list[str] | None) -> tuple[Config, dict | None, str | None, ru
                 resume = mirror.fetch_checkpoint(stored, staging)
             else:
                 resume = checkpoint.load(cfg.resume)
+                if resume.get("exported_from"):  # evaluation/export.py's policy file
+                    raise checkpoint.CheckpointError(
+                        f"checkpoint {resume['path']} is a policy exported from "
+                        f"{resume['exported_from']}, its online network alone: it can be "
+                        "scored and watched, not resumed"
+                    )
                 stored = mirror.local_copy(resume)
             source = stored.uri(resume["stored"]) if stored else resume["path"]
             cfg, changes = resume_config(
@@ -177,5 +183,3 @@ def resolve_on_cluster(cfg: Config) -> Config:
     )
     validate(resolved, gpus=gpus)
     return resolved
-
-

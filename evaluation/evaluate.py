@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
     print(format_table(rows, cfg.game))
     published = reference_scores(cfg.game)
     if published:
-        scores = ", ".join(f"{k} {v:,.0f}" for k, v in published.items())
+        scores = ", ".join(f"{k} {v:,.1f}".removesuffix(".0") for k, v in published.items())
         print(f"published (no-op starts): {scores}")
     if args.video:
         from apex_dqn.common.video import write_video

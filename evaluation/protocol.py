@@ -26,6 +26,28 @@ REFERENCE_SCORES: dict[str, dict[str, float]] = {
         "Rainbow": 18_789.0,
         "Ape-X": 54_681.0,
     },
+    "breakout": {
+        "random": 1.7,
+        "human": 30.5,
+        "DQN 2013": 168.0,
+        "DQN Nature": 401.2,
+        "Rainbow": 417.5,
+        "Ape-X": 800.9,
+    },
+    "boxing": {
+        "random": 0.1,
+        "human": 12.1,
+        "DQN Nature": 71.8,
+        "Rainbow": 99.6,
+        "Ape-X": 100.0,
+    },
+    "pong": {
+        "random": -20.7,
+        "human": 14.6,
+        "DQN Nature": 18.9,
+        "Rainbow": 20.9,
+        "Ape-X": 20.9,
+    },
 }
 
 

@@ -21,6 +21,9 @@ COMMANDS = [
     ("apex-dqn-play", "apex_dqn.evaluation.play",
      ["watch", "--checkpoint", "{missing}", "--video", "{missing}.gif"],
      "checkpoint {missing} does not exist", "PIL"),
+    ("apex-dqn-export", "apex_dqn.evaluation.export",
+     ["--checkpoint", "{missing}", "--out", "{missing}.pt"],
+     "checkpoint {missing} does not exist", None),
     ("apex-dqn-plot", "apex_dqn.evaluation.plot", ["{missing}"],
      "{missing} is not a directory", "matplotlib"),
 ]  # fmt: skip
