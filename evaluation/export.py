@@ -5,8 +5,9 @@
 
 A checkpoint holds what a run needs to go on: the online and target networks, the
 optimizer's moments, the counters. Scoring or watching a policy needs only the config and
-the online network, which in float16 is a sixth of that. The exported file is a checkpoint
-of this program's format whose learner state holds ``online`` and ``updates`` alone, so
+the online network, which in float16 is an eighth of that (two bytes a weight against
+sixteen). The exported file is a checkpoint of this program's format whose learner
+state holds ``online`` and ``updates`` alone, so
 ``apex-dqn-evaluate --checkpoint`` and ``apex-dqn-play watch --checkpoint`` take it as they
 take any checkpoint (the weights are cast back to float32 as they load). ``--resume``
 refuses it in one line: it has no target network or optimizer to go on with.
