@@ -34,8 +34,11 @@ try:
 except ModuleNotFoundError as exc:  # run from a checkout that was never installed
     if exc.name != "apex_dqn":
         raise
-    print("train.py: error: the apex_dqn package is not installed: run `pip install "
-          "torch==2.13.0 && pip install -e .` in the repository first", file=sys.stderr)
+    print(
+        "train.py: error: the apex_dqn package is not installed: run `pip install "
+        "torch==2.13.0 && pip install -e .` in the repository first",
+        file=sys.stderr,
+    )
     sys.exit(2)
 
 

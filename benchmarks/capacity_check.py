@@ -331,14 +331,22 @@ def cross_node_bytes(costs: Costs, k: Cluster, measured: dict) -> dict[str, floa
                  if nodes.get(f"actor {i}") != nodes.get(f"shard {i % k.shards}"))  # fmt: skip
     remote = [s for s in range(k.shards) if nodes.get(f"shard {s}") != learner]
     samples = len(remote) * per_shard * (costs.wire_bytes[k.wire] + costs.update_bytes)
-    fetches = min(measured["updates_per_s"] / k.publish_period,
-                  costs.actor_steps_per_core / (k.envs_per_actor * k.weight_sync_period))
+    fetches = min(
+        measured["updates_per_s"] / k.publish_period,
+        costs.actor_steps_per_core / (k.envs_per_actor * k.weight_sync_period),
+    )
     actor_nodes = {nodes.get(f"actor {i}") for i in range(k.actors)} - {learner}
     weights = len(actor_nodes) * costs.param_bytes * fetches
     predicted = pushes + samples + weights
     got = measured["loopback_bytes_per_s"]
-    return {"pushes": pushes, "samples": samples, "weights": weights, "predicted": predicted,
-            "loopback_measured": got, "ratio": got / predicted if predicted else float("inf")}
+    return {
+        "pushes": pushes,
+        "samples": samples,
+        "weights": weights,
+        "predicted": predicted,
+        "loopback_measured": got,
+        "ratio": got / predicted if predicted else float("inf"),
+    }
 
 
 # ------------------------------------------------------------------------------ main
@@ -355,8 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not runs or set(runs) - {"single", "cluster"}:
         parser.error(f"--runs {args.runs!r}: choose among single, cluster")
     if not args.seconds > 0 or args.actors < 1:
-        parser.error(f"--seconds {args.seconds:g} / --actors {args.actors}: the seconds must be "
-                     "positive and the actors at least 1")
+        parser.error(
+            f"--seconds {args.seconds:g} / --actors {args.actors}: the seconds must be "
+            "positive and the actors at least 1"
+        )
     quick = args.quick
     costs_args = Namespace(
         network=NETWORK, envs=ENVS, learner_batch=BATCH,

@@ -284,8 +284,7 @@ def _load_file(p: Path) -> dict[str, Any]:
         ) from exc
     except Exception as exc:
         raise CheckpointError(
-            f"checkpoint {p} is damaged: its torch archive cannot be read "
-            f"({type(exc).__name__})"
+            f"checkpoint {p} is damaged: its torch archive cannot be read ({type(exc).__name__})"
         ) from exc
     return _check_payload(p, payload)
 

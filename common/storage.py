@@ -184,8 +184,7 @@ def _filesystem(scheme: str, flag: str, uri: str) -> Any:
         import fsspec
     except ImportError as exc:
         raise StorageError(
-            f"{flag} {uri} needs the fsspec package: pip install -c deploy/constraints.txt "
-            "fsspec"
+            f"{flag} {uri} needs the fsspec package: pip install -c deploy/constraints.txt fsspec"
         ) from exc
     if scheme in REMOTE:
         package, extra = REMOTE[scheme]

@@ -79,9 +79,7 @@ class RunCheckpoints:
         slowest = 0.0
         for s, ref in asked:
             try:
-                count, nbytes, seconds = ray.get(
-                    ref, timeout=max(1.0, deadline - time.monotonic())
-                )
+                count, nbytes, seconds = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 cause = getattr(exc, "cause", None) or exc
                 why = (str(cause).splitlines() or [""])[0]
@@ -130,7 +128,6 @@ def restored_replay(shards: list[Any], files: list[str | None]) -> int:
     """Wait for the shards given a file to load it; one line each: what it restored, or
     why it starts empty. Returns the transitions restored over all shards."""
 
-
     deadline = time.monotonic() + REPLAY_TIMEOUT_S
     total = 0
     for s, (shard, path) in enumerate(zip(shards, files, strict=True)):
@@ -164,5 +161,3 @@ def newest_learner_state(logdir: str) -> tuple[dict | None, str]:
         except checkpoint.CheckpointError as exc:
             print(f"cannot restart the learner from {path}: {exc}", flush=True)
     return None, "scratch (no checkpoint of this run yet)"
-
-

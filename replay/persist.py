@@ -98,6 +98,7 @@ def save(shard: ReplayShard, path: str | os.PathLike) -> int:
     write_atomically(final, write)
     return final.stat().st_size
 
+
 def load(shard: ReplayShard, path: str | os.PathLike) -> None:
     """Fill this shard, which must be new (empty), with what ``path`` holds.
 
@@ -142,6 +143,7 @@ def load(shard: ReplayShard, path: str | os.PathLike) -> None:
             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
         ) from exc
     _commit_state(shard, state)
+
 
 def _checked_state(shard: ReplayShard, a: dict[str, np.ndarray], p: Path) -> dict:
     """The saved arrays, checked against each other and this shard; raises
@@ -210,6 +212,7 @@ def _checked_state(shard: ReplayShard, a: dict[str, np.ndarray], p: Path) -> dic
         slots=slots.astype(np.int32), columns=columns,
         priorities=priorities, tails=tails, rng=rng, extra=extra,
     )  # fmt: skip
+
 
 def _commit_state(shard: ReplayShard, state: dict) -> None:
     """Make the checked ``state`` the shard's. Only the subclass's part can still be

@@ -192,16 +192,13 @@ def start_shard(
         strategy = NodeAffinitySchedulingStrategy(
             node_id=placement.learner_node, soft=not placement.strict
         )
-    return (
-        ReplayShardWorker.options(
-            name=f"shard-{index}",
-            num_cpus=0,
-            memory=memory,
-            max_restarts=-1,
-            scheduling_strategy=strategy,
-        )
-        .remote(capacity, alpha, seed=seed, wire=wire, restore=restore)
-    )
+    return ReplayShardWorker.options(
+        name=f"shard-{index}",
+        num_cpus=0,
+        memory=memory,
+        max_restarts=-1,
+        scheduling_strategy=strategy,
+    ).remote(capacity, alpha, seed=seed, wire=wire, restore=restore)
 
 
 def reserved_memory(capacity: int) -> int:

@@ -62,8 +62,20 @@ def test_replay_benchmark():
 
 @pytest.mark.slow
 def test_learner_benchmark_without_ray():
-    out = _run("apex_dqn.benchmarks.learner", "--local", "--network", "dqn2013",
-               "--batch-size", "8", "--capacity", "2000", "--seconds", "2", "--rounds", "2")
+    out = _run(
+        "apex_dqn.benchmarks.learner",
+        "--local",
+        "--network",
+        "dqn2013",
+        "--batch-size",
+        "8",
+        "--capacity",
+        "2000",
+        "--seconds",
+        "2",
+        "--rounds",
+        "2",
+    )
     assert out["synthetic_updates_per_s"] > 0 and out["pipeline_updates_per_s"] > 0
     assert out["ratio"] == pytest.approx(
         out["pipeline_updates_per_s"] / out["synthetic_updates_per_s"], 1e-2

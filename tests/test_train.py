@@ -211,7 +211,9 @@ def test_a_killed_run_resumes_with_only_resume(first_run):
     its counters. Other runs' checkpoints in the directory are never touched."""
     logdir, first_output, saved, _ = first_run
     frames, updates, run_id = (
-        saved["counters"]["env_frames"], saved["learner"]["updates"], saved["run_id"]
+        saved["counters"]["env_frames"],
+        saved["learner"]["updates"],
+        saved["run_id"],
     )
     # Checkpoints of two other runs (one from before runs had ids) left in the directory.
     foreign = checkpoint.save(

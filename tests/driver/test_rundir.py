@@ -188,9 +188,7 @@ def test_a_new_run_gets_a_default_directory_of_its_own(tmp_path, monkeypatch, lo
     assert run1.run_id != run2.run_id
 
 
-def test_resume_with_only_the_directory_continues_with_the_saved_settings(
-    tmp_path, local, capsys
-):
+def test_resume_with_only_the_directory_continues_with_the_saved_settings(tmp_path, local, capsys):
     make_run(tmp_path, RUN)
     before = snapshot(tmp_path)
     cfg, resume, _, run = local.prepare(["--resume", str(tmp_path)])

@@ -190,9 +190,7 @@ MERGES = {
 def test_resume_takes_the_saved_settings_and_the_flags_given(name):
     saved, flags, printed, differ = MERGES[name]
     argv = ["--resume", "runs/a", *flags]
-    cfg, changes = resume_config(
-        saved.to_dict(), argv, fixed=checkpoint.STRUCTURAL, source=SOURCE
-    )
+    cfg, changes = resume_config(saved.to_dict(), argv, fixed=checkpoint.STRUCTURAL, source=SOURCE)
     assert changes == printed
     given = dict(zip(flags[::2], flags[1::2], strict=False))
     for f in dataclasses.fields(Config):
