@@ -13,7 +13,8 @@ learner; an evaluator now and then. What each asks of Ray is declared beside its
 The driver (:class:`Driver`) only watches: every second the supervisor brings back what
 died and grows the actor population (``driver/supervisor.py``); every log interval the
 run metrics are collected and written to the console and TensorBoard
-(``driver/metrics.py``); every few minutes, and when the run stops (frame budget,
+(``driver/metrics.py``), and near the frame budget the actors' frames every second;
+every few minutes, and when the run stops (frame budget,
 Ctrl-C or SIGTERM), the learner is checkpointed. After the last checkpoint, once the
 program has stopped, the final weights are evaluated (``evaluation/final.py``).
 """
@@ -141,8 +142,9 @@ class Driver:
     def run(self) -> None:
         cfg, c = self.cfg, self.metrics.counters
         start = time.monotonic() - c.wall_time_s
-        last_log = last_ckpt = time.monotonic()
+        last_log = last_ckpt = last_count = time.monotonic()
         last_frames, last_updates = c.env_frames, None
+        fps = 0.0  # over the last log interval
         print(f"logging to {cfg.logdir}  (tensorboard --logdir {cfg.logdir})", flush=True)
         while c.env_frames < cfg.total_frames:
             time.sleep(min(1.0, cfg.log_interval_s))
@@ -150,9 +152,17 @@ class Driver:
             if self.evaluation is not None:
                 self.evaluation.poll(self.supervisor.learner.handle, c.env_frames)
             now = time.monotonic()
-            if now - last_log >= cfg.log_interval_s:
+            due = now - last_log >= cfg.log_interval_s
+            # Frames are counted when a log line is due, and every second where the
+            # budget would run out before the next line: a run stops within about a
+            # second's frames of --total-frames, not a log interval's.
+            if not due and c.env_frames + fps * (now - last_count) >= cfg.total_frames:
+                self.metrics.collect(self.supervisor, frames_only=True)
+                last_count = now
+            if due or c.env_frames >= cfg.total_frames:  # a line for the last seconds too
                 c.wall_time_s = now - start
                 learner = self.metrics.collect(self.supervisor)
+                last_count = now
                 fps = (c.env_frames - last_frames) / (now - last_log)
                 ups = None
                 if learner is not None and last_updates is not None:

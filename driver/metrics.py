@@ -117,14 +117,16 @@ class RunMetrics:
         self._input_wait = (0.0, time.monotonic())  # learner's waiting seconds, when read
 
     # ---------------------------------------------------------------------- collecting
-    def collect(self, sup: Supervisor) -> LearnerStats | None:
+    def collect(self, sup: Supervisor, frames_only: bool = False) -> LearnerStats | None:
         """Take the reports of actors and shards (waiting at most one log interval) and
-        the learner's stats; None if the learner did not answer."""
+        the learner's stats; None if the learner did not answer. ``frames_only``: the
+        actors' reports alone (frames and episodes), and None; the learner's means and
+        the shards' stats are left for the next full collection."""
         self.versions = {i: v for i, v in self.versions.items() if i in sup.actors}
         for actor in sup.running_actors():
             if ("actor", actor.index) not in self._asked:
                 self._asked.add(actor.handle.drain.remote(), ("actor", actor.index))
-        for shard in sup.shards:
+        for shard in [] if frames_only else sup.shards:
             if ("shard", shard.index) not in self._asked:
                 self._asked.add(shard.handle.stats.remote(), ("shard", shard.index))
         for (kind, i), ref in self._asked.take(timeout=self.cfg.log_interval_s):
@@ -133,6 +135,8 @@ class RunMetrics:
                     self._actor_report(ray.get(ref), known=i in sup.actors)
                 else:
                     self._shard_stats(i, ray.get(ref), sup)
+        if frames_only:
+            return None
         try:
             return ray.get(sup.learner.handle.stats.remote(), timeout=60)
         except (ray.exceptions.RayError, TimeoutError):
