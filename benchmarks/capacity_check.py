@@ -33,11 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from argparse import Namespace
 from dataclasses import asdict
@@ -46,8 +42,8 @@ from typing import Any
 
 from apex_dqn.benchmarks import capacity
 from apex_dqn.benchmarks.capacity import Cluster, Costs
+from apex_dqn.benchmarks.train_run import TrainRun
 
-ROOT = Path(__file__).resolve().parents[1]
 FRAME_SKIP = 4
 NETWORK, ENVS, BATCH = "dqn2013", 8, 32
 RUN_ARGS = [
@@ -121,58 +117,17 @@ def loopback_bytes() -> int:
     return 0
 
 
-class Run:
-    """``train.py ARGS`` in its own process group, its output kept line by line."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        self.lines: list[str] = []
-        env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )  # fmt: skip
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            time.sleep(0.5)
-        tail = "\n".join(self.lines[-20:])
-        raise RuntimeError(f"train.py printed no line matching {pattern!r}:\n{tail}")
-
-    def stop(self) -> int:
-        """Ctrl-C to its group, then its exit code (killed after two minutes)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
-        finally:
-            self._reader.join(timeout=10)
-
-
 def measure_run(args: list[str], logdir: Path, seconds: float, env: dict | None = None) -> dict:
     """Run ``train.py`` for ``seconds`` once it trains; its steady rates, CPU by role and
     loopback bytes over the window."""
-    run = Run([*args, "--logdir", str(logdir)], env=env)
+    run = TrainRun([*args, "--logdir", str(logdir)], env=env or dict(os.environ))
     try:
         run.wait_for(r"upd/s [1-9]|upd/s 0\.[1-9]", timeout=600)  # the learner trains
         cpu0, lo0, t0 = role_cpu_seconds(), loopback_bytes(), time.monotonic()
         time.sleep(seconds)
         cpu1, lo1, t1 = role_cpu_seconds(), loopback_bytes(), time.monotonic()
     finally:
-        code = run.stop()
+        code = run.stop(timeout=120)
     if code != 0:
         raise RuntimeError(f"train.py exited with {code}:\n" + "\n".join(run.lines[-20:]))
     rates = steady_rates(read_scalars(logdir), BATCH)

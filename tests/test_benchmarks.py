@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.runner import ROOT
+from apex_dqn.benchmarks.train_run import ROOT
 
 
 def _run(module: str, *args: str) -> dict:

@@ -20,8 +20,8 @@ from apex_dqn.benchmarks.capacity_check import (
     steady_rates,
 )
 from apex_dqn.benchmarks.capacity_check import main as check_main
+from apex_dqn.benchmarks.train_run import ROOT
 from apex_dqn.common.config import BYTES_PER_TRANSITION
-from tests.runner import ROOT
 
 # Round per-core figures, of the size measured on a 2-core x86 machine.
 COSTS = Costs(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runner import TrainRun as Run
+from apex_dqn.benchmarks.train_run import TrainRun as Run
 
 pytestmark = [pytest.mark.ray, pytest.mark.rom, pytest.mark.slow]
 

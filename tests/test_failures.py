@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 from apex_dqn.actors.nstep import NStepAccumulator
+from apex_dqn.benchmarks.train_run import TrainRun as Run
 from tests.fakes import FakeAtariVectorEnv
-from tests.runner import TrainRun as Run
 
 pytestmark = pytest.mark.ray
 

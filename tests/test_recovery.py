@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from apex_dqn.benchmarks.train_run import TrainRun
 from apex_dqn.common import checkpoint
-from tests.runner import TrainRun
 
 TINY = [
     "--num-actors", "1", "--envs-per-actor", "4", "--replay-shards", "1",

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from apex_dqn.benchmarks.train_run import TrainRun
 from apex_dqn.common import checkpoint
 from apex_dqn.common.config import Config
 from apex_dqn.common.networks import build_network
 from apex_dqn.evaluation.final import read_final_evaluations
 from apex_dqn.replay.rate_limiter import SampleToInsertRatio
-from tests.runner import TrainRun
 
 pytestmark = [pytest.mark.ray, pytest.mark.rom, pytest.mark.slow]
 

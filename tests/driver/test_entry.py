@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.runner import ROOT
+from apex_dqn.benchmarks.train_run import ROOT
 
 
 def test_uninstalled_package_is_one_line_and_exit_2():

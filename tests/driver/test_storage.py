@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from apex_dqn.benchmarks.train_run import TrainRun
 from apex_dqn.common import checkpoint, storage
 from apex_dqn.driver import session
 from apex_dqn.driver.prepare import prepare
 from tests.driver.test_rundir import RUN, _refused, _train, make_run
-from tests.runner import TrainRun
 
 BUCKET = "apex-runs"
 TINY = [

@@ -1,4 +1,5 @@
-"""``python train.py ARGS`` in a subprocess, as a person runs it, for process-level tests."""
+"""``python train.py ARGS`` in a subprocess, as a person runs it: for the process-level
+tests and the benchmarks that measure whole runs (``benchmarks/capacity_check.py``)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,15 @@ def _terminal_sigint() -> None:
 class TrainRun:
     """``train.py`` in its own process group; its output collected line by line."""
 
-    def __init__(self, args: list[str], wrapper: tuple[str, ...] = ()):
-        """``wrapper``: a command that runs train.py as its child, e.g. ``timeout``."""
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["PYTHONUNBUFFERED"] = "1"
+    def __init__(
+        self, args: list[str], wrapper: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ):
+        """``wrapper``: a command that runs train.py as its child, e.g. ``timeout``.
+        ``env``: its environment; by default this process's, less ``RAY_ADDRESS`` (a run
+        of its own, not one joining whatever cluster the caller's shell names)."""
+        if env is None:
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {**env, "PYTHONUNBUFFERED": "1"}
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [*wrapper, sys.executable, "train.py", *args], cwd=ROOT, env=env, text=True,
@@ -56,7 +62,9 @@ class TrainRun:
                 break
             time.sleep(0.2)
         self.kill()
-        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-40:]))
+        raise RuntimeError(
+            f"train.py printed no line matching {pattern!r}:\n" + "\n".join(self.lines[-40:])
+        )
 
     def wait(self, timeout: float = 240) -> int:
         try:
