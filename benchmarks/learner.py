@@ -93,7 +93,7 @@ def _shards(args, cfg: Config):
     return RaySampler(shards, cfg.batch_size, cfg.prefetch_batches, seed=0), ray
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as info:
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(dev) if device == "cuda" else "cpu",
         "network": args.network + ("" if args.no_dueling else "+dueling"),
         "batch_size": batch,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "amp": args.amp,
         "amp_on": choice.enabled,
         "amp_reason": choice.reason,
