@@ -67,9 +67,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # learner on the other core train ~1 sample per transition collected at batch 32; a
     # higher learning rate and a shorter target period suit runs of an hour or less. The
     # replay ratio is held at what that run gives free-running on a 2-core machine, where
-    # it learned ~520 in 30 minutes (0.59: 51,702 batches of 32 for 2.8M transitions; 5-minute
-    # runs without evaluations gave 0.64-0.71 with other work on the machine), so a machine
-    # with a faster or slower emulator or learner learns per frame as that one did.
+    # it learned ~520 in 30 minutes (0.59: 51,702 batches of 32 for 2.8M transitions), so a
+    # machine with a faster or slower emulator or learner learns per frame as that one did.
+    # Free-running, 2-core runs without evaluations give 0.64-0.72 (benchmarks/replay_ratio
+    # .py): held at 0.7 the learner makes 1.23x the updates for the same frames, but a
+    # 30-minute run at 0.7 scored no better than at 0.6 (README, Results), so 0.6 stays.
     "laptop": {
         "num_actors": 1, "envs_per_actor": 16, "replay_shards": 1,
         "network": "dqn2013", "dueling": True, "batch_size": 32, "lr": 2.5e-4,
