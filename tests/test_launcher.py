@@ -264,6 +264,11 @@ def _close_ssh_connections(control: Path) -> None:
             ["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "127.0.0.1"],
             capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
         )  # fmt: skip
+    # `ssh -O exit` returns once the master has the request; the master removes its
+    # socket as it exits, a moment later.
+    deadline = time.monotonic() + 20
+    while control.is_dir() and any(control.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     for path in (control, control.parent):
         with contextlib.suppress(OSError):  # not there, or used by another cluster's
             path.rmdir()
