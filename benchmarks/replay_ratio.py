@@ -37,6 +37,7 @@ from typing import Any
 from apex_dqn.benchmarks.capacity import OneLineParser, rounded
 from apex_dqn.benchmarks.capacity_check import FRAME_SKIP, measure_run, read_scalars
 from apex_dqn.benchmarks.learner import cpu_model
+from apex_dqn.common.config import ConfigError, build_parser, from_args, validate_flags
 
 QUIET = [
     "--eval-interval-s", "0", "--final-eval-episodes", "0", "--checkpoint-interval-s",
@@ -62,11 +63,32 @@ def held_shares(scalars: dict[str, list[tuple[float, int, float]]], window_s: fl
             "refused_pushes_per_s": per_s}  # fmt: skip
 
 
+def run_args(ratio: float, train_args: list[str]) -> list[str]:
+    """``train.py``'s flags for the run at ``ratio``."""
+    return [*QUIET, *train_args, "--samples-per-insert", f"{ratio:g}"]
+
+
+def check_train_args(ratio: float, train_args: list[str]) -> str | None:
+    """Why ``train.py`` would refuse the flags of the run at ``ratio``, in one line; None
+    if it would not. These are its checks before it looks at the machine; a setting
+    wrong only under the preset the machine picks is refused by the run itself."""
+    argv = run_args(ratio, train_args)
+    parser = build_parser()
+    parser.exit_on_error = False  # a bad value raises instead of printing usage
+    try:
+        _, unknown = parser.parse_known_args(argv)
+        if unknown:
+            return f"{' '.join(unknown)}: not a flag of train.py"
+        validate_flags(from_args(argv), argv)
+    except (argparse.ArgumentError, ConfigError) as exc:
+        return str(exc)
+    return None
+
+
 def measure(ratio: float, train_args: list[str], seconds: float, tmp: Path) -> dict:
     """One run at ``--samples-per-insert ratio``: the rates of :data:`RATES`, and cores."""
     logdir = tmp / f"ratio-{ratio:g}-{len(list(tmp.iterdir()))}"
-    args = [*QUIET, *train_args, "--samples-per-insert", f"{ratio:g}"]
-    got = measure_run(args, logdir, seconds)
+    got = measure_run(run_args(ratio, train_args), logdir, seconds)
     samples, inserts = got["samples_per_s"], got.get("inserts_per_s", 0.0)
     return {
         "frames_per_s": got["transitions_per_s"] * FRAME_SKIP,
@@ -121,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--seconds {args.seconds:g} / --rounds {args.rounds}: the seconds "
                      "must be positive and the rounds at least 1")  # fmt: skip
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    for ratio in args.ratios:  # before the first run: a bad flag is one line, not a run
+        if (why := check_train_args(ratio, train_args)) is not None:
+            parser.error(why)
     runs: dict[float, list[dict]] = {r: [] for r in args.ratios}
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="replay-ratio-") as tmp:

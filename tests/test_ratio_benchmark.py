@@ -57,6 +57,9 @@ def test_summary_takes_medians_of_rounds_against_the_first_ratio():
         (["--ratios", ""], "--ratios"),
         (["--seconds", "0"], "--seconds 0"),
         (["--rounds", "0"], "--rounds 0"),
+        (["--", "--lr", "abc"], "'abc'"),
+        (["--", "--no-such-flag", "1"], "--no-such-flag"),
+        (["--", "--batch-size", "-1"], "-1"),
     ],
 )
 def test_bad_arguments_give_one_line_and_status_2(argv, names, capsys):
